@@ -1,0 +1,174 @@
+"""Model training and decoding-step speed on the CPU: fp32 against bf16 autocast.
+
+Measures forward + loss + backward target tokens per second on a synthetic, length-bucketed
+batch (median of timed iterations after warm-up), parameter counts, and the latency of one
+decoding step for a beam-search-sized batch. Prints JSON.
+
+    python -m benchmarks.model_speed                      # bible-es-en, +input feeding, gnmt-8layer
+    python -m benchmarks.model_speed --configs configs/luong.yaml --iters 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nmt.config import apply_overrides, config_from_dict, load_config
+from nmt.loss import label_smoothed_nll
+from nmt.model import Seq2Seq, build_model, count_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+PAD, BOS = 0, 2
+# name -> (config file, overrides, target tokens per training batch)
+CASES: dict[str, tuple[str, list[str], int]] = {
+    "bible-es-en": ("configs/bible-es-en.yaml", [], 4096),
+    "bible-es-en+input_feeding": (
+        "configs/bible-es-en.yaml",
+        ["model.decoder.input_feeding=true"],
+        4096,
+    ),
+    "gnmt-8layer": ("configs/gnmt-8layer.yaml", [], 512),
+}
+
+
+def synthetic_batch(
+    vocab: int, batch_tokens: int, length: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A batch as the token-bounded bucket sampler makes it: lengths within a few tokens."""
+    batch = batch_tokens // length
+    src_lengths = torch.randint(length - 3, length + 1, (batch,), generator=gen)
+    src_lengths[0] = length
+    src = torch.randint(4, vocab, (batch, length), generator=gen)
+    src_mask = torch.arange(length).unsqueeze(0) < src_lengths.unsqueeze(1)
+    src = src.masked_fill(~src_mask, PAD)
+    tgt_lengths = torch.randint(length - 4, length, (batch,), generator=gen)
+    tgt_lengths[0] = length - 1
+    tgt = torch.randint(4, vocab, (batch, length), generator=gen)
+    tgt_mask = torch.arange(length).unsqueeze(0) <= tgt_lengths.unsqueeze(1)
+    tgt_out = tgt.masked_fill(~tgt_mask, PAD)
+    tgt_in = torch.cat([torch.full((batch, 1), BOS), tgt_out[:, :-1]], dim=1)
+    return {
+        "src": src,
+        "src_lengths": src_lengths,
+        "src_mask": src_mask,
+        "tgt_in": tgt_in,
+        "tgt_out": tgt_out,
+    }
+
+
+def precision_context(precision: str) -> AbstractContextManager[Any]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def median_seconds(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_speed(
+    model: Seq2Seq, batch: dict[str, torch.Tensor], precision: str, warmup: int, iters: int
+) -> float:
+    """Target tokens (non-padding) per second for forward + loss + backward."""
+    model.train()
+    n_tokens = int((batch["tgt_out"] != PAD).sum())
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        with precision_context(precision):
+            logits = model(batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
+        loss, _, _ = label_smoothed_nll(logits, batch["tgt_out"], PAD, 0.1)
+        loss.backward()
+
+    return n_tokens / median_seconds(train_step, warmup, iters)
+
+
+def step_latency_ms(
+    model: Seq2Seq, batch: dict[str, torch.Tensor], rows: int, precision: str, iters: int
+) -> float:
+    """Milliseconds per decoding step (plus log-softmax) for `rows` = sentences x beam."""
+    model.eval()
+    reps = -(-rows // batch["src"].size(0))
+    idx = torch.arange(batch["src"].size(0)).repeat(reps)[:rows]
+    with torch.inference_mode(), precision_context(precision):
+        memory, state = model.encode(batch["src"], batch["src_lengths"], batch["src_mask"])
+        memory, state = memory.index_select(idx), state.index_select(idx)
+        tokens = batch["tgt_in"][idx, 0]
+
+        def one_step() -> None:
+            logits, _, _ = model.step(tokens, state, memory)
+            logits.float().log_softmax(-1)
+
+        return 1000 * median_seconds(one_step, 3, iters)
+
+
+def run_case(
+    name: str, config: str, overrides: list[str], batch_tokens: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    values = load_config(ROOT / config).to_dict()
+    cfg = config_from_dict(apply_overrides(values, overrides + args.set))
+    vocab = cfg.tokenizer.vocab_size
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab, vocab, PAD)
+    batch = synthetic_batch(vocab, batch_tokens, args.length, torch.Generator().manual_seed(0))
+    result: dict[str, Any] = {
+        "config": config,
+        "overrides": overrides + args.set,
+        "parameters": count_parameters(model),
+        "batch": list(batch["tgt_in"].shape),
+        "target_tokens": int((batch["tgt_out"] != PAD).sum()),
+    }
+    for precision in args.precisions:
+        speed = train_speed(model, batch, precision, args.warmup, args.iters)
+        result[f"train_tokens_per_s_{precision}"] = round(speed, 1)
+        if args.step_rows:
+            ms = step_latency_ms(model, batch, args.step_rows, precision, args.iters * 4)
+            result[f"step_ms_{precision}_rows{args.step_rows}"] = round(ms, 2)
+    if {"fp32", "bf16"} <= set(args.precisions):
+        result["train_speedup_bf16"] = round(
+            result["train_tokens_per_s_bf16"] / result["train_tokens_per_s_fp32"], 2
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--configs", nargs="*", default=[], help="extra config files")
+    parser.add_argument("--set", nargs="*", default=[], help="overrides for every case")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--length", type=int, default=32, help="padded source/target length")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--step-rows", type=int, default=320, help="0 skips the step timing")
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [(name, *CASES[name]) for name in args.cases]
+    cases += [(Path(path).stem, path, [], 4096) for path in args.configs]
+    results = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cases": {name: run_case(name, *rest, args) for name, *rest in cases},  # type: ignore[arg-type]
+    }
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

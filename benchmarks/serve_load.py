@@ -1,0 +1,210 @@
+"""Load test of the REST service: throughput and latency at several concurrency levels, with and
+without dynamic batching.
+
+Starts `nmt serve` on a loopback port for each batching mode, runs closed-loop clients (each sends
+a request, waits for the answer, sends the next) for a fixed time per concurrency level, and
+prints one JSON line per (mode, concurrency) and a markdown table at the end.
+
+    python -m benchmarks.serve_load --model runs/NAME/model
+    python -m benchmarks.serve_load --model runs/NAME/model --concurrency 1,8 --seconds 3
+
+The clients run on the same machine as the server, so at high concurrency they compete with it
+for CPU; the numbers compare modes on one machine rather than measure a deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve.runner import serve_in_subprocess
+
+# Spanish sentences of various lengths (the default models translate es -> en)
+DEFAULT_SENTENCES = [
+    "En el principio creó Dios los cielos y la tierra.",
+    "Y dijo Dios: Sea la luz; y fue la luz.",
+    "Hola, ¿cómo estás?",
+    "El perro duerme en la casa.",
+    "Mañana iremos al mercado con nuestros amigos para comprar fruta y pan.",
+    "No sé.",
+    "La luna y el sol brillan sobre las aguas del mar.",
+    "uno dos tres cuatro cinco seis siete ocho nueve diez",
+    "Bienaventurados los pacíficos, porque ellos serán llamados hijos de Dios.",
+    "gato",
+    "Y el Verbo fue hecho carne, y habitó entre nosotros, lleno de gracia y de verdad.",
+    "¿Dónde está la estación de tren?",
+]
+
+
+@dataclass
+class LevelResult:
+    batching: bool
+    concurrency: int
+    seconds: float
+    requests: int
+    errors: int
+    requests_per_s: float
+    sentences_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation; 0.0 for no values."""
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(int(q), 99) - 1]
+
+
+async def run_level(
+    base_url: str,
+    concurrency: int,
+    seconds: float,
+    sentences: list[str],
+    texts_per_request: int,
+    options: dict[str, Any],
+    headers: dict[str, str],
+) -> tuple[list[float], int, int, float]:
+    """Closed-loop clients for `seconds`; returns (latencies s, ok, errors, elapsed s)."""
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < stop_at:
+                texts = [sentences[(i + j) % len(sentences)] for j in range(texts_per_request)]
+                i += texts_per_request * concurrency
+                start = time.perf_counter()
+                try:
+                    r = await client.post(
+                        "/v1/translate", json={"text": texts, **options}, headers=headers
+                    )
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return latencies, len(latencies), errors, elapsed
+
+
+def run_mode(args: argparse.Namespace, batching: bool, sentences: list[str]) -> list[LevelResult]:
+    env = {
+        "NMT_BATCHING": "true" if batching else "false",
+        "NMT_BATCH_WAIT_MS": str(args.batch_wait_ms),
+        "NMT_BATCH_TOKENS": str(args.batch_tokens),
+        "NMT_MAX_QUEUE": "100000",
+        "NMT_REQUEST_TIMEOUT_S": "120",
+        "NMT_API_KEYS": "",
+        "NMT_API_KEYS_FILE": "",
+    }
+    options: dict[str, Any] = {}
+    if args.beam_size:
+        options["beam_size"] = args.beam_size
+    results = []
+    with serve_in_subprocess(args.model, env=env, log_path=args.server_log) as (url, _):
+        # one short round so that kernel setup is not measured
+        asyncio.run(run_level(url, 2, args.warmup_seconds, sentences, 1, options, {}))
+        for c in args.concurrency:
+            lat, ok, errors, elapsed = asyncio.run(
+                run_level(url, c, args.seconds, sentences, args.texts_per_request, options, {})
+            )
+            ms = [x * 1000 for x in lat]
+            result = LevelResult(
+                batching=batching,
+                concurrency=c,
+                seconds=round(elapsed, 2),
+                requests=ok,
+                errors=errors,
+                requests_per_s=round(ok / elapsed, 2),
+                sentences_per_s=round(ok * args.texts_per_request / elapsed, 2),
+                p50_ms=round(percentile(ms, 50), 1),
+                p95_ms=round(percentile(ms, 95), 1),
+                p99_ms=round(percentile(ms, 99), 1),
+            )
+            print(json.dumps(asdict(result)), flush=True)
+            results.append(result)
+    return results
+
+
+def markdown_table(results: list[LevelResult]) -> str:
+    lines = [
+        "| batching | concurrency | requests/s | sentences/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {'on' if r.batching else 'off'} | {r.concurrency} | {r.requests_per_s:.1f} | "
+            f"{r.sentences_per_s:.1f} | {r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.p99_ms:.0f} | "
+            f"{r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
+    p.add_argument("--seconds", type=float, default=8.0, help="load time per concurrency level")
+    p.add_argument("--warmup-seconds", type=float, default=2.0)
+    p.add_argument("--modes", default="on,off", help="batching modes to run: on, off or both")
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--beam-size", type=int, default=None, help="default: the model's")
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--input", type=Path, default=None, help="sentences, one per line")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
+    p.add_argument("--server-log", type=Path, default=None, help="server output (default: dropped)")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in ("on", "off") for m in modes):
+        p.error("--modes takes on, off or on,off")
+    args.modes = [m == "on" for m in modes]
+    if any(c < 1 for c in args.concurrency) or args.seconds <= 0:
+        p.error("concurrency levels and --seconds must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sentences = DEFAULT_SENTENCES
+    if args.input is not None:
+        sentences = [s.strip() for s in args.input.read_text("utf-8").splitlines() if s.strip()]
+    budget_s = len(args.modes) * (len(args.concurrency) * args.seconds + args.warmup_seconds)
+    print(f"# load test of {args.model}: about {budget_s:.0f} s of load", file=sys.stderr)
+    results: list[LevelResult] = []
+    for batching in args.modes:
+        results += run_mode(args, batching, sentences)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(asdict(r)) + "\n" for r in results), "utf-8")
+    print()
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The `nmt` command line: train, translate, evaluate, serve, average, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+EPILOG = "Run `nmt COMMAND --help` for the options of each command."
+
+
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="model directory (e.g. runs/NAME/model)")
+    p.add_argument("--beam-size", type=int, default=None, help="beam width; 1 is greedy (default: model's)")
+    p.add_argument("--batch-tokens", type=int, default=None, help="source tokens per decoding batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 uses autocast (fast on CPUs with AMX and on GPUs)")  # fmt: skip
+    p.add_argument("--quantize", action="store_true",
+                   help="int8 dynamic quantisation of LSTM/linear layers (CPU)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nmt",
+        description="Attentional LSTM/GRU neural machine translation: train, translate, evaluate, serve.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model. Everything lands in the run directory; the best "
+                       "model by dev BLEU is kept in RUN_DIR/model.")  # fmt: skip
+    p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_minutes=20 (repeatable)")  # fmt: skip
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--reset-optimizer", action="store_true",
+                   help="on --resume, apply changed optimiser/LR settings with a fresh optimiser")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("translate", help="translate text from stdin or a file",
+                       description="Translate one sentence per line, in input order. Output streams "
+                       "as chunks finish, so it works in shell pipes on large files.")  # fmt: skip
+    _add_decode_options(p)
+    p.add_argument("--input", type=Path, default=None, help="input file (default: stdin)")
+    p.add_argument("--output", type=Path, default=None, help="output file (default: stdout)")
+    p.add_argument("--n-best", type=int, default=1, help="print N best translations per line")
+    p.add_argument("--alignments", action="store_true",
+                   help="write JSON lines with scores, subwords, attention and word alignments")  # fmt: skip
+    p.add_argument("--plot-attention", type=int, default=None, metavar="N",
+                   help="save a PNG heatmap of the attention of input line N (1-based)")  # fmt: skip
+    p.add_argument("--plot-file", type=Path, default=None, help="PNG path for --plot-attention")
+    p.add_argument("--chunk-lines", type=int, default=2000,
+                   help="lines read, sorted by length and translated together before output")  # fmt: skip
+
+    p = sub.add_parser("evaluate", help="score translations with BLEU, chrF and TER",
+                       description="Translate --src with --model and score against --ref, or score "
+                       "an existing --hyp file. Scores are detokenised sacreBLEU with signatures.")  # fmt: skip
+    p.add_argument("--model", type=Path, default=None, help="model directory")
+    p.add_argument("--src", type=Path, default=None, help="source file to translate")
+    p.add_argument("--hyp", type=Path, default=None, help="existing translations to score")
+    p.add_argument("--ref", type=Path, action="append", required=True, help="reference file (repeatable)")
+    p.add_argument("--beam-size", type=int, default=None)
+    p.add_argument("--batch-tokens", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--quantize", action="store_true")
+    p.add_argument("--output", type=Path, default=None, help="also write the translations here")
+    p.add_argument("--alignments", type=Path, default=None,
+                   help="write word-level Pharaoh alignments (0-0 1-2 ...) to this file")  # fmt: skip
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: off)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (REST + web page)")
+    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
+    p.add_argument("--quantize", action="store_true")
+    p.add_argument("--device", default=None)
+
+    p = sub.add_parser("average", help="average the last K checkpoints of a run into one model")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--last", type=int, default=5, help="number of checkpoints (default 5)")
+    p.add_argument("--out", type=Path, default=None, help="output model dir (default RUN_DIR/model-avg)")
+
+    p = sub.add_parser("info", help="parameter counts of a config or a model directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--config", type=Path)
+    g.add_argument("--model", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary size for --config (default: tokenizer.vocab_size)")  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")  # fmt: skip
+    from nmt.checkpoint import CheckpointError
+    from nmt.config import ConfigError
+    from nmt.corpus import CorpusError
+
+    handlers = {
+        "train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate,
+        "serve": cmd_serve, "average": cmd_average, "info": cmd_info,
+    }  # fmt: skip
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"nmt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nmt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from nmt.config import load_config
+    from nmt.train import TrainingError, train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = args.run_dir or Path("runs") / cfg.name
+    try:
+        result = train(cfg, run_dir, resume=args.resume, reset_optimizer=args.reset_optimizer,
+                       progress=not args.no_progress)  # fmt: skip
+    except TrainingError as err:
+        print(f"nmt train: error: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped ({result.stopped_because}) at step {result.step}, epoch {result.epoch}; "
+              f"best dev BLEU {result.best_bleu:.2f}")  # fmt: skip
+        print(f"model: {run_dir / 'model'}   curves: {run_dir / 'curves.png'}")
+    return 0
+
+
+# -- translate -----------------------------------------------------------------------------------
+
+
+def _read_chunks(stream: IO[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in stream:
+        chunk.append(line.rstrip("\n"))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _load_translator(args: argparse.Namespace) -> Any:
+    from nmt.translate import Translator
+
+    return Translator.load(args.model, device=args.device, precision=args.precision,
+                           quantize=args.quantize)  # fmt: skip
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from nmt.translate import translate_corpus, word_alignment
+
+    translator = _load_translator(args)
+    want_attention = args.alignments or args.plot_attention is not None
+    source: IO[str] = open(args.input, encoding="utf-8") if args.input else sys.stdin  # noqa: SIM115
+    out: IO[str] = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    line_no = 0
+    try:
+        for chunk in _read_chunks(source, max(args.chunk_lines, 1)):
+            results = [None] * len(chunk)
+            for i, result in translate_corpus(translator, chunk, beam_size=args.beam_size,
+                                              n_best=args.n_best, batch_tokens=args.batch_tokens,
+                                              return_alignments=want_attention):  # fmt: skip
+                results[i] = result
+            for i, r in enumerate(results):
+                assert r is not None
+                n = line_no + i + 1
+                if args.plot_attention == n:
+                    from nmt.plots import plot_attention
+
+                    path = args.plot_file or Path(f"attention-{n}.png")
+                    plot_attention(r.attention or [], r.src_tokens, r.tgt_tokens, path)
+                    print(f"attention of line {n} saved to {path}", file=sys.stderr)
+                if args.alignments:
+                    record = {"line": n, "text": r.text, "score": r.score, "src_tokens": r.src_tokens,
+                              "tgt_tokens": r.tgt_tokens, "attention": r.attention,
+                              "alignment": word_alignment(r.src_tokens, r.tgt_tokens, r.attention)}  # fmt: skip
+                    if args.n_best > 1:
+                        record["n_best"] = [{"text": t, "score": s} for t, s in r.n_best]
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                elif args.n_best > 1:
+                    for text, score in r.n_best:
+                        out.write(f"{n - 1} ||| {text} ||| {score:.4f}\n")
+                else:
+                    out.write(r.text + "\n")
+            out.flush()
+            line_no += len(chunk)
+    finally:
+        if args.input:
+            source.close()
+        if args.output:
+            out.close()
+    return 0
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+
+
+def _read_lines(path: Path) -> list[str]:
+    from nmt.corpus import read_lines
+
+    return read_lines(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nmt.metrics import score_files_text
+
+    if (args.hyp is None) == (args.src is None):
+        raise ValueError("give either --hyp FILE (score it) or --model DIR --src FILE (translate it)")
+    refs = [_read_lines(r) for r in args.ref]
+    if args.hyp is not None:
+        hyps = _read_lines(args.hyp)
+    else:
+        if args.model is None:
+            raise ValueError("--src needs --model DIR")
+        from nmt.translate import translate_corpus, word_alignment
+
+        translator = _load_translator(args)
+        src = _read_lines(args.src)
+        results: list[Any] = [None] * len(src)
+        for i, r in translate_corpus(translator, src, beam_size=args.beam_size,
+                                     batch_tokens=args.batch_tokens,
+                                     return_alignments=args.alignments is not None):  # fmt: skip
+            results[i] = r
+        hyps = [r.text for r in results]
+        if args.output:
+            args.output.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        if args.alignments:
+            args.alignments.write_text("".join(
+                word_alignment(r.src_tokens, r.tgt_tokens, r.attention) + "\n" for r in results
+            ), encoding="utf-8")  # fmt: skip
+    for path, ref in zip(args.ref, refs):
+        if len(ref) != len(hyps):
+            raise ValueError(f"{path} has {len(ref)} lines but there are {len(hyps)} translations")
+    report = score_files_text(hyps, refs, bootstrap=args.bootstrap)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        for name in ("bleu", "chrf", "ter"):
+            s = report[name]
+            ci = f" (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f})" if "ci_low" in s else ""
+            print(f"{name.upper():5s} {s['score']:6.2f}{ci}   {s['signature']}")
+    return 0
+
+
+# -- serve, average, info ------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nmt.checkpoint import read_model_dir
+
+    read_model_dir(args.model)  # fail here, with a clear message, not inside the server
+    os.environ["NMT_MODEL_DIR"] = str(args.model)
+    for name, value in (("NMT_PRECISION", args.precision), ("NMT_DEVICE", args.device)):
+        if value:
+            os.environ[name] = value
+    if args.quantize:
+        os.environ["NMT_QUANTIZE"] = "1"
+    print(f"serving {args.model} on http://{args.host}:{args.port}/  (API docs at /docs)")
+    uvicorn.run("serve.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="info")  # fmt: skip
+    return 0
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    import shutil
+
+    from nmt import checkpoint as ckpt
+
+    dirs = ckpt.checkpoint_dirs(args.run_dir)
+    if len(dirs) < 1:
+        raise ckpt.CheckpointError(f"{args.run_dir} has no checkpoints to average")
+    chosen = dirs[-args.last :]
+    if len(chosen) < args.last:
+        print(f"note: only {len(chosen)} checkpoints available", file=sys.stderr)
+    out = args.out or args.run_dir / "model-avg"
+    source_model = args.run_dir / "model"
+    if not source_model.is_dir():
+        raise ckpt.CheckpointError(f"{source_model} is missing; the run has no model directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in source_model.iterdir():
+        if f.is_file() and f.name != ckpt.MODEL_FILE:
+            shutil.copyfile(f, out / f.name)
+    weights = ckpt.average_checkpoints(chosen)
+    ckpt.save_averaged(weights, out / ckpt.MODEL_FILE)
+    print(f"averaged {', '.join(d.name for d in chosen)} into {out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from nmt.config import load_config
+    from nmt.model import build_model, count_parameters
+
+    if args.model:
+        from nmt.checkpoint import read_model_dir
+
+        from nmt.tokenizer import Tokenizer
+
+        cfg, _ = read_model_dir(args.model)
+        tok = Tokenizer.load(args.model)
+        sizes = (tok.src_vocab_size, tok.tgt_vocab_size)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        v = args.vocab_size or cfg.tokenizer.vocab_size
+        sizes = (v, v)
+    model = build_model(cfg.model, sizes[0], sizes[1], 0)
+    counts = count_parameters(model)
+    if args.json:
+        print(json.dumps({"name": cfg.name, "vocab": sizes, "parameters": counts}, indent=2))
+    else:
+        print(f"{cfg.name}: vocabulary {sizes[0]} / {sizes[1]}")
+        for name, n in counts.items():
+            print(f"  {name:12s} {n:>14,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

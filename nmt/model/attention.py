@@ -1,0 +1,132 @@
+"""Bahdanau and Luong attention over encoder states: one call signature, masked softmax."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class EncoderMemory(NamedTuple):
+    """What the decoder reads from the encoder; built once per batch by `Seq2Seq.encode`."""
+
+    enc_out: Tensor  # (B, S, He) the attention values
+    src_mask: Tensor  # (B, S) bool, True on real tokens
+    keys: Tensor | None  # (B, S, Ha) keys projected once per batch; None for the dot score
+
+    def index_select(self, idx: Tensor) -> EncoderMemory:
+        """Rows `idx` of the batch (beam search expands and reorders with this). idx: (B',) long."""
+        keys = None if self.keys is None else self.keys.index_select(0, idx)
+        return EncoderMemory(
+            self.enc_out.index_select(0, idx), self.src_mask.index_select(0, idx), keys
+        )
+
+
+def masked_softmax(scores: Tensor, src_mask: Tensor) -> Tensor:
+    """Softmax over the source axis in fp32, exactly zero on padding.
+
+    Args:
+        scores: (B, T, S) unnormalised scores, any float dtype.
+        src_mask: (B, S) True on real tokens; every row needs at least one.
+    Returns:
+        (B, T, S) fp32 weights that sum to one over S.
+    """
+    scores = scores.float().masked_fill(~src_mask.unsqueeze(1), float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class Attention(nn.Module):
+    """Scores a query against the encoder states and returns the context vector.
+
+    Every variant has the same call: `attention(query (B, T, Hq), memory)` returns
+    `context (B, T, He)` and `weights (B, T, S)`. Step-wise decoding passes T = 1; teacher
+    forcing without input feeding passes the whole target sequence, so attention for all
+    steps is one batched matmul. Keys that do not depend on the query are projected once
+    per batch by `project_keys` and travel in `EncoderMemory.keys`.
+    """
+
+    def project_keys(self, enc_out: Tensor) -> Tensor | None:
+        """Query-independent key projection. enc_out: (B, S, He) -> (B, S, Ha) or None."""
+        raise NotImplementedError
+
+    def scores(self, query: Tensor, memory: EncoderMemory) -> Tensor:
+        """Unnormalised scores (B, T, S) for query (B, T, Hq)."""
+        raise NotImplementedError
+
+    def forward(self, query: Tensor, memory: EncoderMemory) -> tuple[Tensor, Tensor]:
+        """Context (B, T, He) and attention weights (B, T, S) for query (B, T, Hq)."""
+        weights = masked_softmax(self.scores(query, memory), memory.src_mask)  # (B, T, S)
+        # Luong et al. (2015), sec. 3.1: c_t = sum_s a_t(s) h_s
+        context = torch.bmm(weights.to(memory.enc_out.dtype), memory.enc_out)  # (B, T, He)
+        return context, weights
+
+
+class DotAttention(Attention):
+    """Luong et al. (2015), eq. 8, "dot": score(h_t, h_s) = h_t^T h_s (needs Hq == He)."""
+
+    def __init__(self, query_dim: int, key_dim: int) -> None:
+        super().__init__()
+        if query_dim != key_dim:
+            raise ValueError(
+                f"dot attention needs equal widths, got query {query_dim}, key {key_dim}"
+            )
+
+    def project_keys(self, enc_out: Tensor) -> Tensor | None:
+        return None
+
+    def scores(self, query: Tensor, memory: EncoderMemory) -> Tensor:
+        return torch.bmm(query, memory.enc_out.transpose(1, 2))  # (B, T, S)
+
+
+class GeneralAttention(Attention):
+    """Luong et al. (2015), eq. 8, "general": score(h_t, h_s) = h_t^T W_a h_s.
+
+    W_a h_s is computed once per batch (the keys), so a step costs one batched dot product.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int) -> None:
+        super().__init__()
+        self.key_proj = nn.Linear(key_dim, query_dim, bias=False)  # W_a
+
+    def project_keys(self, enc_out: Tensor) -> Tensor | None:
+        return self.key_proj(enc_out)  # (B, S, Hq)
+
+    def scores(self, query: Tensor, memory: EncoderMemory) -> Tensor:
+        assert memory.keys is not None, "general attention needs projected keys"
+        return torch.bmm(query, memory.keys.transpose(1, 2))  # (B, T, S)
+
+
+class AdditiveAttention(Attention):
+    """Additive scores: v^T tanh(W_q q + W_k h_s).
+
+    This is Bahdanau et al. (2015), eq. 6 (a(s_{i-1}, h_j) = v^T tanh(W s_{i-1} + U h_j)) and
+    Luong et al. (2015), eq. 8, "concat" (v^T tanh(W_a [h_t; h_s]), the same thing with W_a
+    split in two). U h_j / W_k h_s is computed once per batch.
+    """
+
+    def __init__(self, query_dim: int, key_dim: int, attn_dim: int) -> None:
+        super().__init__()
+        self.query_proj = nn.Linear(query_dim, attn_dim)  # W (with the bias)
+        self.key_proj = nn.Linear(key_dim, attn_dim, bias=False)  # U
+        self.v = nn.Linear(attn_dim, 1, bias=False)
+
+    def project_keys(self, enc_out: Tensor) -> Tensor | None:
+        return self.key_proj(enc_out)  # (B, S, Ha)
+
+    def scores(self, query: Tensor, memory: EncoderMemory) -> Tensor:
+        assert memory.keys is not None, "additive attention needs projected keys"
+        q = self.query_proj(query).unsqueeze(2)  # (B, T, 1, Ha)
+        energy = torch.tanh(q + memory.keys.unsqueeze(1))  # (B, T, S, Ha)
+        return self.v(energy).squeeze(-1)  # (B, T, S)
+
+
+def build_attention(score: str, query_dim: int, key_dim: int, attn_dim: int) -> Attention:
+    """The scoring function named `score` (dot, general, additive, concat)."""
+    if score == "dot":
+        return DotAttention(query_dim, key_dim)
+    if score == "general":
+        return GeneralAttention(query_dim, key_dim)
+    if score in ("additive", "concat"):
+        return AdditiveAttention(query_dim, key_dim, attn_dim)
+    raise ValueError(f"unknown attention score {score!r}; choose dot, general, additive or concat")

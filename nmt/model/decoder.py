@@ -1,0 +1,351 @@
+"""Attentional recurrent decoders: DecoderState, the step, and fast whole-sequence teacher forcing.
+
+Three arrangements share one stack of per-layer LSTM/GRU kernels and one `_block` signature
+(embedded tokens (B, T, E) and a state in; output vectors, the new state and attention out):
+
+- Luong et al. (2015): the top layer's current output attends; h~ = tanh(W_c [c; h]) (eq. 5).
+  Without input feeding nothing depends on the previous step's attention, so teacher forcing
+  runs each layer once over the whole target sequence and attention as one batched matmul.
+  With input feeding (sec. 3.3) h~_{t-1} joins the next input and teacher forcing loops.
+- Bahdanau et al. (2015): the previous top state s_{i-1} attends and the context joins the
+  bottom layer's input, so teacher forcing loops over steps.
+- GNMT (Wu et al., 2016, as in the "gnmt_v2" arrangement of the TensorFlow NMT tutorial): the
+  bottom layer's current output attends and the context is concatenated to the input of every
+  layer above it. Teacher forcing is whole-sequence: bottom layer, attention for all steps,
+  then every upper layer.
+
+The step is `_block` with T = 1, so the fast path and the step cannot drift apart. Work that is
+the same for every step (key projections) is in `EncoderMemory.keys`; the output projection is
+the caller's and runs once over all positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from nmt.model.attention import Attention, EncoderMemory
+from nmt.model.encoder import LayerDropout, make_rnn
+
+
+class DecoderState(NamedTuple):
+    """The decoder's recurrent state, passed in and out of every step."""
+
+    hidden: Tensor  # (L, B, H)
+    cell: Tensor  # (L, B, H) for LSTM; (L, B, 0) for GRU
+    attn_vector: Tensor  # (B, H) previous attentional vector with input feeding, else (B, 0)
+    coverage: Tensor  # (B, S) fp32, attention weights summed over the steps so far
+
+    def index_select(self, idx: Tensor) -> DecoderState:
+        """Rows `idx` of the batch (beam reordering). idx: (B',) long."""
+        return DecoderState(
+            self.hidden.index_select(1, idx),
+            self.cell.index_select(1, idx),
+            self.attn_vector.index_select(0, idx),
+            self.coverage.index_select(0, idx),
+        )
+
+
+class Bridge(nn.Module):
+    """Initial decoder state: `dense` is tanh(W f + b) per layer (and per LSTM state) from the
+    encoder's final state f; `zero` starts from zeros."""
+
+    def __init__(
+        self, kind: str, enc_dim: int, num_layers: int, hidden_dim: int, num_states: int
+    ) -> None:
+        super().__init__()
+        if kind not in ("dense", "zero"):
+            raise ValueError(f"unknown bridge {kind!r}; choose dense or zero")
+        self.num_layers, self.hidden_dim, self.num_states = num_layers, hidden_dim, num_states
+        self.proj = (
+            nn.Linear(enc_dim, num_states * num_layers * hidden_dim) if kind == "dense" else None
+        )
+
+    def forward(self, final: Tensor) -> tuple[Tensor, Tensor]:
+        """final: (B, He) -> hidden (L, B, H), cell (L, B, H) (LSTM) or (L, B, 0) (GRU)."""
+        batch = final.size(0)
+        shape = (self.num_layers, batch, self.hidden_dim)
+        if self.proj is None:
+            hidden = final.new_zeros(shape)
+            cell = final.new_zeros(shape if self.num_states == 2 else (*shape[:2], 0))
+            return hidden, cell
+        states = torch.tanh(self.proj(final))  # (B, n * L * H)
+        states = states.view(batch, self.num_states, self.num_layers, self.hidden_dim)
+        states = states.permute(1, 2, 0, 3)  # (n, L, B, H)
+        hidden = states[0].contiguous()
+        cell = states[1].contiguous() if self.num_states == 2 else hidden.new_zeros(*shape[:2], 0)
+        return hidden, cell
+
+
+class Decoder(nn.Module):
+    """Stacked per-layer LSTM/GRU with attention; subclasses arrange where attention sits.
+
+    Dropout (never on recurrent connections) is applied to the input of every layer above the
+    bottom and to the output vectors; layers at index `residual_from` and above add their
+    input to their output.
+    """
+
+    loops_over_steps = False  # whether teacher forcing has to run `_block` one step at a time
+    feeds_attn_vector = False  # whether DecoderState.attn_vector is used (input feeding)
+
+    def __init__(
+        self,
+        cell: str,
+        layer_inputs: list[int],
+        hidden_dim: int,
+        enc_dim: int,
+        attention: Attention,
+        residual_from: int,
+        dropout: float,
+        variational: bool,
+        bridge: str,
+    ) -> None:
+        super().__init__()
+        self.is_lstm = cell == "lstm"
+        self.num_layers = len(layer_inputs)
+        self.hidden_dim = hidden_dim
+        self.output_dim = hidden_dim
+        self.residual_from = residual_from
+        self.layers = nn.ModuleList([make_rnn(cell, width, hidden_dim) for width in layer_inputs])
+        self.attention = attention
+        self.bridge = Bridge(bridge, enc_dim, self.num_layers, hidden_dim, 2 if self.is_lstm else 1)
+        self.dropout = LayerDropout(dropout, variational)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def init_state(self, final: Tensor, src_len: int) -> DecoderState:
+        """The state before the first target token. final: (B, He) from the encoder."""
+        hidden, cell = self.bridge(final)
+        batch = final.size(0)
+        feed_dim = self.output_dim if self.feeds_attn_vector else 0
+        attn_vector = hidden.new_zeros(batch, feed_dim)
+        coverage = torch.zeros(batch, src_len, device=final.device)
+        return DecoderState(hidden, cell, attn_vector, coverage)
+
+    def _run_layer(self, i: int, inp: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer i over inp (B, T, In) from its slice of state -> out (B, T, H), h, c (1, B, H)."""
+        layer = self.layers[i]
+        if self.is_lstm:
+            out, (h, c) = layer(inp, (state.hidden[i : i + 1], state.cell[i : i + 1]))
+        else:
+            out, h = layer(inp, state.hidden[i : i + 1])
+            c = state.cell[i : i + 1]
+        return out, h, c
+
+    def _masks(self, batch: int, like: Tensor) -> list[Tensor | None]:
+        """Variational dropout masks, one per layer input above the bottom and one (index 0)
+        for the output vectors, sampled once so that a step loop shares them across time."""
+        return [self.dropout.mask(batch, self.hidden_dim, like) for _ in range(self.num_layers)]
+
+    # -- the arrangement, implemented by subclasses -------------------------------------------
+
+    def _block(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Runs steps emb (B, T, E) from `state`.
+
+        Returns output vectors (B, T, H), new hidden (L, B, H) and cell, and attention
+        weights (B, T, S). Subclasses with `loops_over_steps` accept only T = 1.
+        """
+        raise NotImplementedError
+
+    # -- public -------------------------------------------------------------------------------
+
+    def forward(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher forcing. emb: (B, T, E) embedded tgt_in.
+
+        Returns output vectors (B, T, H) for the output projection and attention (B, T, S).
+        """
+        masks = self._masks(emb.size(0), emb)
+        if not self.loops_over_steps:
+            out, _, _, attn = self._block(emb, state, memory, masks)
+            return self.dropout(out, masks[0]), attn
+        outs, attns = [], []
+        for t in range(emb.size(1)):
+            out, hidden, cell, attn = self._block(emb[:, t : t + 1], state, memory, masks)
+            feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
+            state = DecoderState(hidden, cell, feed, state.coverage)
+            outs.append(out)
+            attns.append(attn)
+        return self.dropout(torch.cat(outs, dim=1), masks[0]), torch.cat(attns, dim=1)
+
+    def step(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """One step. emb: (B, E) embedded previous tokens.
+
+        Returns the output vector (B, H), the new state and attention weights (B, S).
+        """
+        masks = self._masks(emb.size(0), emb)
+        out, hidden, cell, attn = self._block(emb.unsqueeze(1), state, memory, masks)
+        attn = attn.squeeze(1)
+        feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
+        new_state = DecoderState(hidden, cell, feed, state.coverage + attn)
+        return self.dropout(out, masks[0]).squeeze(1), new_state, attn
+
+
+class LuongDecoder(Decoder):
+    """Luong et al. (2015): global attention from the top layer's current output."""
+
+    def __init__(
+        self,
+        cell: str,
+        embed_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        enc_dim: int,
+        attention: Attention,
+        residual_from: int = 2,
+        dropout: float = 0.0,
+        variational: bool = False,
+        bridge: str = "dense",
+        input_feeding: bool = False,
+    ) -> None:
+        bottom = embed_dim + (hidden_dim if input_feeding else 0)
+        super().__init__(
+            cell,
+            [bottom] + [hidden_dim] * (num_layers - 1),
+            hidden_dim,
+            enc_dim,
+            attention,
+            residual_from,
+            dropout,
+            variational,
+            bridge,
+        )
+        self.input_feeding = input_feeding
+        self.loops_over_steps = input_feeding
+        self.feeds_attn_vector = input_feeding
+        self.combine = nn.Linear(enc_dim + hidden_dim, hidden_dim, bias=False)  # W_c, eq. 5
+
+    def _block(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x = emb
+        inp = emb
+        if self.input_feeding:  # sec. 3.3: [y_{t-1}; h~_{t-1}]
+            inp = torch.cat([emb, state.attn_vector.unsqueeze(1).to(emb.dtype)], dim=-1)
+        hs, cs = [], []
+        for i in range(self.num_layers):
+            if i > 0:
+                inp = self.dropout(x, masks[i])
+            out, h, c = self._run_layer(i, inp, state)
+            hs.append(h)
+            cs.append(c)
+            x = out + x if i >= self.residual_from else out
+        context, attn = self.attention(x, memory)  # eq. 7 and 8: a_t from h_t
+        # eq. 5: h~_t = tanh(W_c [c_t; h_t])
+        h_tilde = torch.tanh(self.combine(torch.cat([context.to(x.dtype), x], dim=-1)))
+        return h_tilde, torch.cat(hs), torch.cat(cs), attn
+
+
+class BahdanauDecoder(Decoder):
+    """Bahdanau et al. (2015): the previous top state s_{i-1} attends (eq. 6); the context
+    joins the bottom layer's input (s_i = f(s_{i-1}, y_{i-1}, c_i)); the output vector is
+    tanh(W_o [s_i; c_i]) (a one-layer form of the paper's deep output)."""
+
+    loops_over_steps = True
+
+    def __init__(
+        self,
+        cell: str,
+        embed_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        enc_dim: int,
+        attention: Attention,
+        residual_from: int = 2,
+        dropout: float = 0.0,
+        variational: bool = False,
+        bridge: str = "dense",
+    ) -> None:
+        super().__init__(
+            cell,
+            [embed_dim + enc_dim] + [hidden_dim] * (num_layers - 1),
+            hidden_dim,
+            enc_dim,
+            attention,
+            residual_from,
+            dropout,
+            variational,
+            bridge,
+        )
+        self.combine = nn.Linear(hidden_dim + enc_dim, hidden_dim, bias=False)  # W_o
+
+    def _block(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert emb.size(1) == 1, "Bahdanau attention depends on the previous step"
+        query = state.hidden[-1].unsqueeze(1)  # (B, 1, H), s_{i-1}
+        context, attn = self.attention(query, memory)  # eq. 5-6: alpha_ij from a(s_{i-1}, h_j)
+        context = context.to(emb.dtype)
+        x = emb
+        inp = torch.cat([emb, context], dim=-1)
+        hs, cs = [], []
+        for i in range(self.num_layers):
+            if i > 0:
+                inp = self.dropout(x, masks[i])
+            out, h, c = self._run_layer(i, inp, state)
+            hs.append(h)
+            cs.append(c)
+            x = out + x if i >= self.residual_from else out
+        out = torch.tanh(self.combine(torch.cat([x, context.to(x.dtype)], dim=-1)))
+        return out, torch.cat(hs), torch.cat(cs), attn
+
+
+class GNMTDecoder(Decoder):
+    """Wu et al. (2016), sec. 3: the bottom layer's output attends and the context is
+    concatenated to the input of every layer above it; the top layer's output is the output."""
+
+    def __init__(
+        self,
+        cell: str,
+        embed_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        enc_dim: int,
+        attention: Attention,
+        residual_from: int = 2,
+        dropout: float = 0.0,
+        variational: bool = False,
+        bridge: str = "dense",
+    ) -> None:
+        super().__init__(
+            cell,
+            [embed_dim] + [hidden_dim + enc_dim] * (num_layers - 1),
+            hidden_dim,
+            enc_dim,
+            attention,
+            residual_from,
+            dropout,
+            variational,
+            bridge,
+        )
+
+    def _block(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        out, h, c = self._run_layer(0, emb, state)
+        hs, cs = [h], [c]
+        x = out + emb if self.residual_from == 0 else out
+        context, attn = self.attention(x, memory)  # eq. 4-6, all T steps at once
+        context = context.to(x.dtype)
+        for i in range(1, self.num_layers):
+            inp = torch.cat([self.dropout(x, masks[i]), context], dim=-1)
+            out, h, c = self._run_layer(i, inp, state)
+            hs.append(h)
+            cs.append(c)
+            x = out + x if i >= self.residual_from else out
+        return x, torch.cat(hs), torch.cat(cs), attn
+
+
+DECODERS: dict[str, Callable[..., Decoder]] = {
+    "luong": LuongDecoder,
+    "bahdanau": BahdanauDecoder,
+    "gnmt": GNMTDecoder,
+}

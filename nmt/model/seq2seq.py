@@ -1,0 +1,194 @@
+"""The encoder-decoder model: encode / forward / step, build_model and parameter accounting."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig, encoder_output_dim
+from nmt.model.attention import EncoderMemory, build_attention
+from nmt.model.decoder import DECODERS, Decoder, DecoderState
+from nmt.model.encoder import Encoder
+
+
+class Seq2Seq(nn.Module):
+    """Attentional encoder-decoder. Owns the embeddings and the output projection.
+
+    `forward` returns logits; softmax, loss and search live outside the model. The source and
+    target embeddings are one matrix when `share_embeddings` (a joint vocabulary); with
+    `tie_output` the output projection reuses the target embedding matrix, after a linear map
+    to the embedding width when the decoder's output width differs.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: Decoder,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        embed_dim: int,
+        pad_id: int,
+        share_embeddings: bool = True,
+        tie_output: bool = True,
+        embed_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if share_embeddings and src_vocab_size != tgt_vocab_size:
+            raise ValueError(
+                f"share_embeddings needs one joint vocabulary, got source {src_vocab_size} "
+                f"and target {tgt_vocab_size} entries"
+            )
+        self.src_vocab_size = src_vocab_size
+        self.tgt_vocab_size = tgt_vocab_size
+        self.pad_id = pad_id
+        self.tie_output = tie_output
+        self.src_embed = nn.Embedding(src_vocab_size, embed_dim, padding_idx=pad_id)
+        self.tgt_embed = (
+            None
+            if share_embeddings
+            else nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
+        )
+        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.encoder = encoder
+        self.decoder = decoder
+        out_dim = decoder.output_dim
+        self.out_proj = (
+            nn.Linear(out_dim, embed_dim, bias=False)
+            if tie_output and out_dim != embed_dim
+            else None
+        )
+        self.out_weight = None if tie_output else nn.Parameter(torch.empty(tgt_vocab_size, out_dim))
+        self.out_bias = nn.Parameter(torch.zeros(tgt_vocab_size))
+        self._init_embeddings(embed_dim)
+
+    def _init_embeddings(self, embed_dim: int) -> None:
+        # N(0, 1/E) keeps tied logits near unit scale at the start
+        for embed in (self.src_embed, self.tgt_embed):
+            if embed is not None:
+                nn.init.normal_(embed.weight, std=embed_dim**-0.5)
+                with torch.no_grad():
+                    embed.weight[self.pad_id].zero_()
+        if self.out_weight is not None:
+            nn.init.normal_(self.out_weight, std=self.out_weight.size(1) ** -0.5)
+
+    @property
+    def target_embedding(self) -> nn.Embedding:
+        return self.src_embed if self.tgt_embed is None else self.tgt_embed
+
+    def output_logits(self, out: Tensor) -> Tensor:
+        """Output projection over any leading shape: out (..., H) -> logits (..., V)."""
+        if self.out_proj is not None:
+            out = self.out_proj(out)
+        weight = self.target_embedding.weight if self.out_weight is None else self.out_weight
+        return F.linear(out, weight, self.out_bias)
+
+    def encode(
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor
+    ) -> tuple[EncoderMemory, DecoderState]:
+        """Encodes a padded batch once for decoding.
+
+        Args:
+            src: (B, S) long; src_lengths: (B,) long; src_mask: (B, S) bool, True on real tokens.
+        Returns:
+            The encoder memory (keys projected once) and the decoder's initial state.
+        """
+        emb = self.embed_dropout(self.src_embed(src))  # (B, S, E)
+        enc_out, final = self.encoder(emb, src_lengths)  # (B, S, He), (B, He)
+        keys = self.decoder.attention.project_keys(enc_out)
+        memory = EncoderMemory(enc_out, src_mask, keys)
+        return memory, self.decoder.init_state(final, src.size(1))
+
+    def forward_with_attention(
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher forcing. tgt_in: (B, T) = BOS + y. Returns logits (B, T, V), attn (B, T, S)."""
+        memory, state = self.encode(src, src_lengths, src_mask)
+        emb = self.embed_dropout(self.target_embedding(tgt_in))  # (B, T, E)
+        out, attn = self.decoder(emb, state, memory)  # (B, T, H), (B, T, S)
+        return self.output_logits(out), attn  # the projection runs once over all positions
+
+    def forward(self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing on the fastest correct path. Returns logits (B, T, V)."""
+        return self.forward_with_attention(src, src_lengths, src_mask, tgt_in)[0]
+
+    def step(
+        self, prev_tokens: Tensor, state: DecoderState, memory: EncoderMemory
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """One decoding step. prev_tokens: (B,) long.
+
+        Returns logits (B, V), the new state and attention weights (B, S).
+        """
+        emb = self.embed_dropout(self.target_embedding(prev_tokens))  # (B, E)
+        out, state, attn = self.decoder.step(emb, state, memory)
+        return self.output_logits(out), state, attn
+
+
+def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_id: int) -> Seq2Seq:
+    """Turns the model section of the config into a Seq2Seq."""
+    enc, dec, att = cfg.encoder, cfg.decoder, cfg.attention
+    encoder = Encoder(
+        cfg.cell,
+        cfg.embed_dim,
+        enc.hidden_dim,
+        enc.num_layers,
+        layout=enc.layout,
+        residual_from=enc.residual_from,
+        dropout=enc.dropout,
+        variational=enc.variational,
+    )
+    enc_dim = encoder_output_dim(cfg)
+    assert enc_dim == encoder.output_dim
+    attention = build_attention(att.score, dec.hidden_dim, enc_dim, att.dim or dec.hidden_dim)
+    extra = {"input_feeding": dec.input_feeding} if att.type == "luong" else {}
+    decoder = DECODERS[att.type](
+        cell=cfg.cell,
+        embed_dim=cfg.embed_dim,
+        hidden_dim=dec.hidden_dim,
+        num_layers=dec.num_layers,
+        enc_dim=enc_dim,
+        attention=attention,
+        residual_from=dec.residual_from,
+        dropout=dec.dropout,
+        variational=dec.variational,
+        bridge=dec.bridge,
+        **extra,
+    )
+    return Seq2Seq(
+        encoder,
+        decoder,
+        src_vocab_size,
+        tgt_vocab_size,
+        cfg.embed_dim,
+        pad_id,
+        share_embeddings=cfg.share_embeddings,
+        tie_output=cfg.tie_output,
+        embed_dropout=cfg.embed_dropout,
+    )
+
+
+# parameter-name prefixes of each component, most specific first
+_COMPONENTS = [
+    ("src_embed.", "embeddings"),
+    ("tgt_embed.", "embeddings"),
+    ("encoder.", "encoder"),
+    ("decoder.attention.", "attention"),
+    ("decoder.combine.", "attention"),
+    ("decoder.bridge.", "bridge"),
+    ("decoder.layers.", "decoder"),
+    ("out_", "output"),
+]
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameters of a Seq2Seq per component (embeddings, encoder, attention, decoder, bridge,
+    output) and the total; a shared or tied tensor is counted once. Wrappers (DDP's `module.`,
+    torch.compile's `_orig_mod.`) are looked through."""
+    counts = dict.fromkeys(["embeddings", "encoder", "attention", "decoder", "bridge", "output"], 0)
+    for full_name, param in model.named_parameters():  # yields each tensor once
+        name = full_name.removeprefix("module.").removeprefix("_orig_mod.")
+        component = next((c for prefix, c in _COMPONENTS if name.startswith(prefix)), None)
+        assert component is not None, f"parameter {name} belongs to no component"
+        counts[component] += param.numel()
+    counts["total"] = sum(counts.values())
+    return counts

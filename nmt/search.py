@@ -1,0 +1,804 @@
+"""Greedy, beam and sampling search over a step-wise decoder, batched over sentences.
+
+The search sees the model through three calls only: ``encode``, ``step`` and ``index_select`` on
+the memory and state it gets back (see ``StepModel``). It works on log-probabilities, lengths and
+EOS, never on text.
+
+Lengths: a sentence may produce at most ``max_len = floor(a * |source| + b)`` tokens (EOS not
+counted). A hypothesis still open after ``max_len`` tokens gets EOS forced, keeps its tokens and
+comes back with ``finished=False``; nothing is truncated silently or dropped. ``|Y|`` in the length
+penalty counts EOS, so a hypothesis of ``n`` tokens has ``|Y| = n + 1``.
+
+Batching: all sentences decode together; beam search flattens (sentences x beams) into one batch
+dimension N = B * K and takes the first step, the same for every beam, once per sentence. A
+sentence that is done leaves the batch, so later steps compute less; since dropping rows copies
+the encoder memory of every row that stays, done sentences wait, idle, until a share
+(`SHRINK_FRACTION`) of the batch is done. Per step, the work outside the model is one
+log-softmax and one top-k over (N, V) and a handful of small tensor ops; Python touches single
+hypotheses only when they end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+NEG_INF = float("-inf")
+_COVERAGE_EPS = 1e-10  # keeps log() finite on source words that got no attention at all
+
+_Self = TypeVar("_Self", bound="Reorderable")
+
+
+class Reorderable(Protocol):
+    """Encoder memory or decoder state: anything whose batch rows can be picked by index."""
+
+    def index_select(self: _Self, idx: Tensor, /) -> _Self: ...
+
+
+MemoryT = TypeVar("MemoryT", bound=Reorderable)
+StateT = TypeVar("StateT", bound=Reorderable)
+
+
+class StepModel(Protocol[MemoryT, StateT]):
+    """What search needs from a model: encode once, then one decoder step at a time."""
+
+    def encode(
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, /
+    ) -> tuple[MemoryT, StateT]: ...
+
+    def step(
+        self, prev_tokens: Tensor, state: StateT, memory: MemoryT, /
+    ) -> tuple[Tensor, StateT, Tensor]: ...
+
+
+@dataclass
+class Hypothesis:
+    """One output sentence.
+
+    tokens: ids without BOS or EOS. score: log_prob after GNMT length and coverage penalties
+    (the ranking key). log_prob: model log-probability of tokens + EOS. attention: (T + 1, S)
+    weights over the S real source tokens, one row per token of tokens + EOS, when asked for.
+    finished: False when the hypothesis hit the maximum length and EOS was forced.
+    """
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+    attention: Tensor | None = None
+    finished: bool = True
+
+
+def length_penalty_factor(length: int, alpha: float) -> float:
+    """GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016, eq. 14)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def coverage_penalty_value(coverage: Tensor, src_mask: Tensor, beta: float) -> Tensor:
+    """GNMT coverage penalty beta * sum_i log(min(sum_j a_ij, 1)) (Wu et al., 2016, eq. 14).
+
+    Args:
+        coverage: (N, S) attention summed over the output steps.
+        src_mask: (N, S) True on real source tokens; padding does not count.
+    Returns:
+        (N,) penalties, <= 0.
+    """
+    logs = coverage.clamp(min=_COVERAGE_EPS, max=1.0).log().masked_fill(~src_mask, 0.0)
+    return beta * logs.sum(dim=1)
+
+
+def max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: float) -> list[int]:
+    """Per-sentence output limits floor(a * |source| + b), at least 0. src_lengths (B,)."""
+    if max_len_a < 0:
+        raise ValueError(f"max_len_a must be >= 0, got {max_len_a}")
+    # the small epsilon keeps e.g. 1.1 * 10 from flooring to 10
+    return [max(0, math.floor(max_len_a * n + max_len_b + 1e-6)) for n in src_lengths.tolist()]
+
+
+def _check_common(min_len: int, no_repeat_ngram: int) -> None:
+    if min_len < 0:
+        raise ValueError(f"min_len must be >= 0, got {min_len}")
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
+
+
+def block_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> None:
+    """Set -inf, in place, on every token that would repeat an n-gram already in history.
+
+    Args:
+        log_probs: (N, V) next-token scores, changed in place.
+        history: (N, t) tokens produced so far (no BOS).
+        n: n-gram order; 1 forbids repeating any token.
+    """
+    t = history.size(1)
+    if n == 1:
+        if t == 0:
+            return
+        banned, hits = history, torch.ones_like(history, dtype=log_probs.dtype)
+    else:
+        if t < n:
+            return
+        windows = history.unfold(1, n - 1, 1)  # (N, t - n + 2, n - 1)
+        # earlier (n-1)-grams that equal the last one; the token after each is banned
+        hits = (windows[:, :-1] == windows[:, -1:]).all(dim=2).to(log_probs.dtype)  # (N, t-n+1)
+        banned = history[:, n - 1 :]  # (N, t - n + 1)
+    counts = torch.zeros_like(log_probs).scatter_add_(1, banned, hits)  # (N, V)
+    log_probs.masked_fill_(counts > 0, NEG_INF)
+
+
+def _mask_step(
+    log_probs: Tensor,
+    history: Tensor,
+    t: int,
+    force_eos: Tensor | None,
+    *,
+    eos_id: int,
+    min_len: int,
+    no_repeat_ngram: int,
+) -> None:
+    """Apply min length, n-gram blocking and forced EOS to log_probs (N, V) in place.
+
+    force_eos: (N,) bool rows that reached their maximum length, or None when none did.
+    """
+    eos_raw = log_probs[:, eos_id].clone() if force_eos is not None else None
+    if t < min_len:
+        log_probs[:, eos_id] = NEG_INF
+    if no_repeat_ngram > 0:
+        block_repeated_ngrams(log_probs, history, no_repeat_ngram)
+    if force_eos is not None and eos_raw is not None:
+        # the forced EOS keeps its real log-probability, so truncated and finished hypotheses
+        # are ranked on the same footing
+        log_probs.masked_fill_(force_eos.unsqueeze(1), NEG_INF)
+        log_probs[:, eos_id] = torch.where(force_eos, eos_raw, log_probs[:, eos_id])
+
+
+# Sentences that are done stay in the batch, their rows computed and ignored, until this share
+# of the rows is done: dropping rows copies the encoder memory of all the rows that stay, which
+# costs more than a few idle rows do.
+SHRINK_FRACTION = 0.25
+
+
+def _worth_shrinking(n_done: int, n: int) -> bool:
+    return n_done >= SHRINK_FRACTION * n
+
+
+def _trim_attention(attn: Tensor, src_len: int) -> Tensor:
+    """(T, S_padded) -> (T, src_len) on CPU, detached from the search buffers."""
+    return attn[:, :src_len].float().cpu().clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy search and sampling: one hypothesis per sentence
+# ---------------------------------------------------------------------------------------------
+
+
+class _OneEach:
+    """Greedy search or sampling: one token per sentence per step, picked by
+    `choose(log_probs (N, V)) -> tokens (N,)`. Tensors cover the N sentences still in the batch."""
+
+    def __init__(
+        self,
+        choose: Callable[[Tensor], Tensor],
+        *,
+        bos_id: int,
+        eos_id: int,
+        min_len: int,
+        no_repeat_ngram: int,
+        alpha: float,
+        beta: float,
+        return_attention: bool,
+    ) -> None:
+        _check_common(min_len, no_repeat_ngram)
+        self.choose = choose
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.min_len = min_len
+        self.no_repeat_ngram = no_repeat_ngram
+        self.alpha = alpha
+        self.beta = beta
+        self.return_attention = return_attention
+
+    def run(
+        self,
+        model: StepModel[MemoryT, StateT],
+        src: Tensor,
+        src_lengths: Tensor,
+        src_mask: Tensor,
+        limits: list[int],
+    ) -> list[Hypothesis]:
+        device, batch_size = src.device, src.size(0)
+        if batch_size == 0:
+            return []
+        self.limits = limits
+        self.src_lens: list[int] = src_lengths.tolist()
+        self.src_mask = src_mask
+        self.results: list[Hypothesis | None] = [None] * batch_size
+
+        memory, state = model.encode(src, src_lengths, src_mask)
+        self.active_ids = list(range(batch_size))
+        self.active = torch.arange(batch_size, device=device)  # (N,) sentence ids
+        self.limit_t = torch.tensor(limits, device=device)  # (N,)
+        self.idle = torch.zeros(batch_size, dtype=torch.bool, device=device)  # done, not dropped
+        self.history = torch.zeros((batch_size, 0), dtype=torch.long, device=device)  # (N, t)
+        self.log_prob_sum = torch.zeros(batch_size, device=device)  # (N,)
+        self.coverage = torch.zeros(src_mask.shape, device=device) if self.beta != 0 else None
+        self.attn_history = (
+            torch.zeros((batch_size, 0, src.size(1)), device=device)
+            if self.return_attention
+            else None
+        )  # (N, t, S)
+        tokens = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
+
+        t, n_idle, soonest_limit = 0, 0, min(limits)
+        while True:
+            logits, state, attn = model.step(tokens, state, memory)  # (N, V), (N, S)
+            tokens = self._advance(logits, attn.float(), t, soonest_limit)
+            ended = (tokens == self.eos_id) & ~self.idle  # (N,); forced rows can only pick EOS
+            if ended.any():
+                rows = ended.nonzero().squeeze(1)
+                self._finalise(rows, t)
+                self.idle = self.idle | ended
+                n_idle += rows.numel()
+                if n_idle == len(self.active_ids):
+                    break
+                if _worth_shrinking(n_idle, len(self.active_ids)):
+                    keep = (~self.idle).nonzero().squeeze(1)  # (N',)
+                    memory = memory.index_select(keep)
+                    state = state.index_select(keep)
+                    tokens = tokens.index_select(0, keep)
+                    self._shrink(keep)
+                    n_idle = 0
+                soonest_limit = min(
+                    limits[sid]
+                    for sid, idle in zip(self.active_ids, self.idle.tolist(), strict=True)
+                    if not idle
+                )
+            t += 1
+
+        assert all(r is not None for r in self.results)
+        return [r for r in self.results if r is not None]
+
+    def _advance(self, logits: Tensor, attn: Tensor, t: int, soonest_limit: int) -> Tensor:
+        """Pick the next tokens (N,) from logits (N, V); attn (N, S) is this step's attention."""
+        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (N, V)
+        _mask_step(
+            log_probs,
+            self.history,
+            t,
+            (self.limit_t <= t) if t >= soonest_limit else None,
+            eos_id=self.eos_id,
+            min_len=self.min_len,
+            no_repeat_ngram=self.no_repeat_ngram,
+        )
+        tokens = self.choose(log_probs)  # (N,)
+        self.log_prob_sum += log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        self.history = torch.cat([self.history, tokens.unsqueeze(1)], dim=1)
+        if self.coverage is not None:
+            self.coverage += attn
+        if self.attn_history is not None:
+            self.attn_history = torch.cat([self.attn_history, attn.unsqueeze(1)], dim=1)
+        return tokens
+
+    def _finalise(self, rows: Tensor, t: int) -> None:
+        """Store the hypotheses of rows (M,) that chose EOS at step t."""
+        if self.coverage is not None:
+            mask = self.src_mask.index_select(0, self.active.index_select(0, rows))
+            penalties = coverage_penalty_value(self.coverage.index_select(0, rows), mask, self.beta)
+        else:
+            penalties = torch.zeros(rows.numel())
+        lp = length_penalty_factor(t + 1, self.alpha)
+        for row, toks, total, pen in zip(
+            rows.tolist(),
+            self.history[rows, :t].tolist(),
+            self.log_prob_sum[rows].tolist(),
+            penalties.tolist(),
+            strict=True,
+        ):
+            sid = self.active_ids[row]
+            attention = None
+            if self.attn_history is not None:
+                attention = _trim_attention(self.attn_history[row], self.src_lens[sid])
+            self.results[sid] = Hypothesis(
+                tokens=toks,
+                score=total / lp + pen,
+                log_prob=total,
+                attention=attention,
+                finished=t < self.limits[sid],
+            )
+
+    def _shrink(self, keep: Tensor) -> None:
+        """Drop the sentences that are done; keep (N',) the rows that stay."""
+        self.active_ids = [self.active_ids[i] for i in keep.tolist()]
+        self.active = self.active.index_select(0, keep)
+        self.limit_t = self.limit_t.index_select(0, keep)
+        self.idle = self.idle.index_select(0, keep)
+        self.history = self.history.index_select(0, keep)
+        self.log_prob_sum = self.log_prob_sum.index_select(0, keep)
+        if self.coverage is not None:
+            self.coverage = self.coverage.index_select(0, keep)
+        if self.attn_history is not None:
+            self.attn_history = self.attn_history.index_select(0, keep)
+
+
+def greedy_search(
+    model: StepModel[MemoryT, StateT],
+    src: Tensor,
+    src_lengths: Tensor,
+    src_mask: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len_a: float,
+    max_len_b: float,
+    min_len: int = 0,
+    no_repeat_ngram: int = 0,
+    length_penalty: float = 0.0,
+    coverage_penalty: float = 0.0,
+    return_attention: bool = False,
+) -> list[Hypothesis]:
+    """Pick the most likely token at every step, for all sentences at once.
+
+    Args:
+        src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
+        max_len_a, max_len_b: at most floor(a * |source| + b) output tokens per sentence.
+        min_len: EOS is not allowed before this many tokens.
+        no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
+        length_penalty, coverage_penalty: GNMT alpha and beta, used for `score` only.
+        return_attention: fill `Hypothesis.attention` (T + 1, S), EOS row last.
+    Returns:
+        One hypothesis per sentence, in input order.
+    """
+    runner = _OneEach(
+        lambda log_probs: log_probs.argmax(dim=-1),
+        bos_id=bos_id,
+        eos_id=eos_id,
+        min_len=min_len,
+        no_repeat_ngram=no_repeat_ngram,
+        alpha=length_penalty,
+        beta=coverage_penalty,
+        return_attention=return_attention,
+    )
+    limits = max_lengths(src_lengths, max_len_a, max_len_b)
+    with torch.inference_mode():
+        return runner.run(model, src, src_lengths, src_mask, limits)
+
+
+def sample(
+    model: StepModel[MemoryT, StateT],
+    src: Tensor,
+    src_lengths: Tensor,
+    src_mask: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    max_len_a: float,
+    max_len_b: float,
+    min_len: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    return_attention: bool = False,
+) -> list[Hypothesis]:
+    """Draw one output per sentence from the model (e.g. for back-translation with noise).
+
+    Tokens are drawn from softmax(log_probs / temperature), restricted to the top_k most likely
+    tokens when top_k > 0; temperature 0 means argmax. `log_prob` and `score` are the model's own
+    (untempered) log-probability of the drawn output.
+
+    Args:
+        src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
+        generator: makes draws reproducible; must live on src's device.
+    Returns:
+        One hypothesis per sentence, in input order.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+    def choose(log_probs: Tensor) -> Tensor:  # (N, V) -> (N,)
+        if temperature == 0.0:
+            return log_probs.argmax(dim=-1)
+        if top_k > 0:
+            top_scores, top_ids = log_probs.topk(min(top_k, log_probs.size(1)), dim=-1)
+            probs = (top_scores / temperature).softmax(dim=-1)  # (N, k)
+            picked = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
+            return top_ids.gather(1, picked).squeeze(1)
+        probs = (log_probs / temperature).softmax(dim=-1)  # (N, V)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    runner = _OneEach(
+        choose,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        min_len=min_len,
+        no_repeat_ngram=0,
+        alpha=0.0,
+        beta=0.0,
+        return_attention=return_attention,
+    )
+    limits = max_lengths(src_lengths, max_len_a, max_len_b)
+    with torch.inference_mode():
+        return runner.run(model, src, src_lengths, src_mask, limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# beam search
+# ---------------------------------------------------------------------------------------------
+
+
+def beam_search(
+    model: StepModel[MemoryT, StateT],
+    src: Tensor,
+    src_lengths: Tensor,
+    src_mask: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int,
+    n_best: int = 1,
+    length_penalty: float = 0.6,
+    coverage_penalty: float = 0.0,
+    max_len_a: float,
+    max_len_b: float,
+    min_len: int = 0,
+    no_repeat_ngram: int = 0,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Beam search for all sentences at once, beams flattened into the batch (B * K).
+
+    Live beams are ranked by log-probability (they all have the same length). A hypothesis that
+    ends is scored log_prob / lp(|Y|) + cp (GNMT, Wu et al., 2016, eq. 14) and kept aside. A
+    sentence is done when beam_size hypotheses have ended, when no live beam can still beat its
+    n_best-th ended one (bounded with the largest length penalty it could reach and a coverage
+    penalty of 0), or at its maximum length, where EOS is forced.
+
+    Args:
+        src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
+        beam_size: K; n_best: hypotheses returned per sentence (<= K).
+        length_penalty: GNMT alpha (0 = raw log-probability); coverage_penalty: GNMT beta.
+        max_len_a, max_len_b: at most floor(a * |source| + b) output tokens per sentence.
+        min_len: EOS is not allowed before this many tokens.
+        no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
+        return_attention: fill `Hypothesis.attention` (T + 1, S), EOS row last.
+    Returns:
+        Per sentence, in input order, its n-best list sorted by score, best first.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
+    _check_common(min_len, no_repeat_ngram)
+    with torch.inference_mode():
+        return _BeamSearch(
+            beam_size=beam_size,
+            n_best=n_best,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            alpha=length_penalty,
+            beta=coverage_penalty,
+            min_len=min_len,
+            no_repeat_ngram=no_repeat_ngram,
+            return_attention=return_attention,
+        ).run(model, src, src_lengths, src_mask, max_lengths(src_lengths, max_len_a, max_len_b))
+
+
+class _BeamSearch:
+    """The state of one beam search call; tensors cover the N = n * K rows of live sentences."""
+
+    def __init__(
+        self,
+        *,
+        beam_size: int,
+        n_best: int,
+        bos_id: int,
+        eos_id: int,
+        alpha: float,
+        beta: float,
+        min_len: int,
+        no_repeat_ngram: int,
+        return_attention: bool,
+    ) -> None:
+        self.k = beam_size
+        self.n_best = n_best
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.alpha = alpha
+        self.beta = beta
+        self.min_len = min_len
+        self.no_repeat_ngram = no_repeat_ngram
+        self.return_attention = return_attention
+
+    def run(
+        self,
+        model: StepModel[MemoryT, StateT],
+        src: Tensor,
+        src_lengths: Tensor,
+        src_mask: Tensor,
+        limits: list[int],
+    ) -> list[list[Hypothesis]]:
+        k, device = self.k, src.device
+        batch_size = src.size(0)
+        if batch_size == 0:
+            return []
+        self.limits = limits
+        self.src_lens: list[int] = src_lengths.tolist()
+        self.src_mask = src_mask
+        self.ended: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
+
+        memory, state = model.encode(src, src_lengths, src_mask)
+        # the first step is the same for every beam: take it once per sentence, then copy
+        bos = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
+        logits, state, attn = model.step(bos, state, memory)  # (B, V), (B, S)
+        per_beam = torch.arange(batch_size, device=device).repeat_interleave(k)  # (B*K,)
+        memory = memory.index_select(per_beam)
+        state = state.index_select(per_beam)
+        logits, attn = logits.index_select(0, per_beam), attn.index_select(0, per_beam)
+
+        # per live sentence (n,)
+        self.active_ids = list(range(batch_size))
+        self.active = torch.arange(batch_size, device=device)
+        self.limit_t = torch.tensor(limits, device=device)
+        self.lp_at_limit = torch.tensor(
+            [length_penalty_factor(m + 1, self.alpha) for m in limits], device=device
+        )
+        self.n_ended = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.idle = torch.zeros(batch_size, dtype=torch.bool, device=device)  # done, not dropped
+        self.nbest_floor = torch.full((batch_size,), NEG_INF, device=device)
+        # per live beam: (n, K) log-probs; only beam 0 is live at first, so that the K copies
+        # of the start state do not produce K identical candidates
+        self.scores = torch.full((batch_size, k), NEG_INF, device=device)
+        self.scores[:, 0] = 0.0
+        self.history = torch.zeros((batch_size * k, 0), dtype=torch.long, device=device)
+        self.coverage = (
+            torch.zeros((batch_size * k, src.size(1)), device=device) if self.beta != 0 else None
+        )
+        self.attn_history = (
+            torch.zeros((batch_size * k, 0, src.size(1)), device=device)
+            if self.return_attention
+            else None
+        )
+        self.offsets = torch.arange(batch_size, device=device).unsqueeze(1) * k  # (B, 1)
+
+        t = 0
+        soonest_limit = min(limits)
+        n_idle = 0
+        while True:
+            prev, reorder = self._advance(logits, attn.float(), t, soonest_limit)
+            state = state.index_select(reorder)
+            done = self._done(t) | self.idle  # (n,)
+            n_done = int(done.sum())
+            if n_done > n_idle:
+                n = len(self.active_ids)
+                if n_done == n:
+                    break
+                if _worth_shrinking(n_done, n):
+                    keep = (~done).nonzero().squeeze(1)  # (n',) sentences that go on
+                    rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+                    memory = memory.index_select(rows)
+                    state = state.index_select(rows)
+                    prev = prev.index_select(0, rows)
+                    self._shrink(keep, rows)
+                    n_idle = 0
+                else:
+                    self.idle, n_idle = done, n_done
+                soonest_limit = min(
+                    limits[sid]
+                    for sid, idle in zip(self.active_ids, self.idle.tolist(), strict=True)
+                    if not idle
+                )
+            t += 1
+            logits, state, attn = model.step(prev, state, memory)  # (N, V), (N, S)
+
+        return [self._best(i) for i in range(batch_size)]
+
+    def _advance(
+        self, logits: Tensor, attn: Tensor, t: int, soonest_limit: int
+    ) -> tuple[Tensor, Tensor]:
+        """One step: score K * V candidates per sentence, set aside the ones that end,
+        keep the K best that go on. logits (N, V), attn (N, S).
+
+        Returns the next input tokens (N,) and the rows (N,) to reorder the state by."""
+        k = self.k
+        n = self.scores.size(0)
+        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (N, V)
+        vocab = log_probs.size(1)
+        force = None
+        if t >= soonest_limit:
+            force = (self.limit_t <= t).repeat_interleave(k)  # (N,)
+        _mask_step(
+            log_probs,
+            self.history,
+            t,
+            force,
+            eos_id=self.eos_id,
+            min_len=self.min_len,
+            no_repeat_ngram=self.no_repeat_ngram,
+        )
+        coverage = self.coverage + attn if self.coverage is not None else None  # (N, S)
+
+        # Only a beam's K + 1 best tokens can matter: K of them that go on beat any other
+        # token of that beam, and the K + 1 best hold at most one EOS. So take those per row,
+        # then the best 2K of the K * (K + 1) per sentence: 2K always hold K that go on.
+        per_row = min(k + 1, vocab)
+        row_scores, row_tokens = log_probs.topk(per_row, dim=1)  # (N, K+1)
+        cand = (self.scores.view(-1, 1) + row_scores).view(n, k * per_row)  # (n, K*(K+1))
+        cand_scores, cand_idx = cand.topk(min(2 * k, k * per_row), dim=1)  # (n, 2K), best first
+        cand_beams = cand_idx.div(per_row, rounding_mode="floor")
+        cand_tokens = row_tokens.view(n, k * per_row).gather(1, cand_idx)
+        is_eos = cand_tokens == self.eos_id  # (n, 2K)
+
+        # an EOS among the K best ends a hypothesis (Wu et al., 2016; as in fairseq)
+        ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF) & ~self.idle.unsqueeze(1)  # (n, K)
+        # attention of every step so far, this one (maybe EOS) included: (N, t + 1, S)
+        attn_history = (
+            torch.cat([self.attn_history, attn.unsqueeze(1)], dim=1)
+            if self.attn_history is not None
+            else None
+        )
+        if ends.any():
+            self._finalise(ends, cand_scores, cand_beams, coverage, attn_history, t)
+
+        # the K best candidates that do not end, in score order
+        n_cand = cand_scores.size(1)
+        order_key = is_eos.long() * n_cand + torch.arange(n_cand, device=cand_scores.device)
+        live = order_key.topk(k, dim=1, largest=False).indices  # (n, K), ascending
+        self.scores = cand_scores.gather(1, live)
+        tokens = cand_tokens.gather(1, live).view(-1)  # (N,)
+        reorder = (self.offsets[:n] + cand_beams.gather(1, live)).view(-1)  # (N,)
+
+        self.history = torch.cat(
+            [self.history.index_select(0, reorder), tokens.unsqueeze(1)], dim=1
+        )
+        if coverage is not None:
+            self.coverage = coverage.index_select(0, reorder)
+        if attn_history is not None:
+            self.attn_history = attn_history.index_select(0, reorder)
+        return tokens, reorder
+
+    def _finalise(
+        self,
+        ends: Tensor,
+        cand_scores: Tensor,
+        cand_beams: Tensor,
+        coverage: Tensor | None,
+        attn_history: Tensor | None,
+        t: int,
+    ) -> None:
+        """Move the ending candidates ends (n, K) into the per-sentence lists of ended ones."""
+        sent, pos = ends.nonzero(as_tuple=True)  # (M,), (M,)
+        rows = sent * self.k + cand_beams[sent, pos]  # (M,) rows before reordering
+        log_probs = cand_scores[sent, pos]
+        if coverage is not None:
+            mask = self.src_mask.index_select(0, self.active.index_select(0, sent))
+            penalties = coverage_penalty_value(coverage.index_select(0, rows), mask, self.beta)
+        else:
+            penalties = torch.zeros_like(log_probs)
+        lp = length_penalty_factor(t + 1, self.alpha)
+        touched: dict[int, int] = {}
+        for s, row, toks, total, pen in zip(
+            sent.tolist(),
+            rows.tolist(),
+            self.history.index_select(0, rows).tolist(),
+            log_probs.tolist(),
+            penalties.tolist(),
+            strict=True,
+        ):
+            sid = self.active_ids[s]
+            attention = None
+            if attn_history is not None:
+                attention = _trim_attention(attn_history[row], self.src_lens[sid])
+            self.ended[sid].append(
+                Hypothesis(
+                    tokens=toks,
+                    score=total / lp + pen,
+                    log_prob=total,
+                    attention=attention,
+                    finished=t < self.limits[sid],
+                )
+            )
+            touched[s] = sid
+        idx, counts, floors = [], [], []
+        for s, sid in touched.items():
+            hyps = self.ended[sid]
+            hyps.sort(key=lambda h: h.score, reverse=True)
+            idx.append(s)
+            counts.append(len(hyps))
+            floors.append(hyps[self.n_best - 1].score if len(hyps) >= self.n_best else NEG_INF)
+        where = torch.tensor(idx, device=self.n_ended.device)
+        self.n_ended[where] = torch.tensor(counts, device=where.device)
+        self.nbest_floor[where] = torch.tensor(floors, device=where.device)
+
+    def _done(self, t: int) -> Tensor:
+        """(n,) bool: sentences that cannot improve their n-best list any more after step t."""
+        # live beams now hold t + 1 tokens; their |Y| will lie in [t + 2, limit + 1]; log-probs
+        # only fall, a coverage penalty is <= 0, so this bounds any score they can still reach
+        lp_max = self.lp_at_limit.clamp(min=length_penalty_factor(t + 2, self.alpha))
+        bound = self.scores[:, 0] / lp_max  # (n,)
+        return (self.n_ended >= self.k) | (bound <= self.nbest_floor) | (self.limit_t <= t)
+
+    def _shrink(self, keep: Tensor, rows: Tensor) -> None:
+        """Drop finished sentences: keep (n',) sentence positions, rows (n' * K,) beam rows."""
+        self.active_ids = [self.active_ids[i] for i in keep.tolist()]
+        self.active = self.active.index_select(0, keep)
+        self.idle = self.idle.index_select(0, keep)
+        self.limit_t = self.limit_t.index_select(0, keep)
+        self.lp_at_limit = self.lp_at_limit.index_select(0, keep)
+        self.n_ended = self.n_ended.index_select(0, keep)
+        self.nbest_floor = self.nbest_floor.index_select(0, keep)
+        self.scores = self.scores.index_select(0, keep)
+        self.history = self.history.index_select(0, rows)
+        if self.coverage is not None:
+            self.coverage = self.coverage.index_select(0, rows)
+        if self.attn_history is not None:
+            self.attn_history = self.attn_history.index_select(0, rows)
+
+    def _best(self, sid: int) -> list[Hypothesis]:
+        hyps = sorted(self.ended[sid], key=lambda h: h.score, reverse=True)[: self.n_best]
+        if not hyps:
+            # every continuation was blocked (tiny vocabulary with min_len / n-gram blocking):
+            # say so rather than return nothing
+            hyps = [Hypothesis(tokens=[], score=NEG_INF, log_prob=NEG_INF, finished=False)]
+        return hyps
+
+
+def search(
+    model: StepModel[MemoryT, StateT],
+    src: Tensor,
+    src_lengths: Tensor,
+    src_mask: Tensor,
+    *,
+    bos_id: int,
+    eos_id: int,
+    beam_size: int = 1,
+    n_best: int = 1,
+    length_penalty: float = 0.6,
+    coverage_penalty: float = 0.0,
+    max_len_a: float,
+    max_len_b: float,
+    min_len: int = 0,
+    no_repeat_ngram: int = 0,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Greedy search when beam_size == 1 (same output, less work), else beam search.
+
+    Arguments as for `beam_search`; returns per sentence its n-best list, best first.
+    """
+    if beam_size == 1 and n_best == 1:
+        hyps = greedy_search(
+            model,
+            src,
+            src_lengths,
+            src_mask,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            max_len_a=max_len_a,
+            max_len_b=max_len_b,
+            min_len=min_len,
+            no_repeat_ngram=no_repeat_ngram,
+            length_penalty=length_penalty,
+            coverage_penalty=coverage_penalty,
+            return_attention=return_attention,
+        )
+        return [[h] for h in hyps]
+    return beam_search(
+        model,
+        src,
+        src_lengths,
+        src_mask,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        beam_size=beam_size,
+        n_best=n_best,
+        length_penalty=length_penalty,
+        coverage_penalty=coverage_penalty,
+        max_len_a=max_len_a,
+        max_len_b=max_len_b,
+        min_len=min_len,
+        no_repeat_ngram=no_repeat_ngram,
+        return_attention=return_attention,
+    )

@@ -1,0 +1,205 @@
+"""The FastAPI application: `create_app(settings)`; the batching worker loads the model at startup."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.batcher import Batcher, ServiceError, TranslatorLike
+from serve.metrics import Metrics
+from serve.middleware import REQUEST_ID_HEADER, RequestContextMiddleware, error_body, request_id_of
+from serve.routes import STATIC_DIR, InvalidRequestError, build_router
+from serve.schemas import translate_request_model
+from serve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+API_DESCRIPTION = """Neural machine translation with an attentional LSTM/GRU model.
+
+Concurrent requests are translated together in token-bounded batches. Every response carries an
+`X-Request-ID` header (the client's own when it sends a sane one), also found in JSON bodies.
+Every error has the body `{"error": {"status", "code", "message", "request_id", "details"}}`;
+`503` responses carry `Retry-After`. When the server has API keys, send one as
+`Authorization: Bearer KEY` or `X-API-Key: KEY`; `/v1/health` and `/v1/ready` stay open.
+"""
+
+_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+}
+
+
+def load_translator(settings: Settings) -> Callable[[], TranslatorLike]:
+    """A function that loads NMT_MODEL_DIR with `Translator.load` (safetensors weights only)."""
+    if settings.model_dir is None:
+        raise ValueError("no model: set NMT_MODEL_DIR to a model directory (e.g. runs/NAME/model)")
+    model_dir = settings.model_dir
+
+    def load() -> TranslatorLike:
+        from nmt.translate import Translator
+
+        logger.info("loading %s (%s, %s)", model_dir, settings.device, settings.precision)
+        return Translator.load(
+            model_dir, settings.device, settings.precision, quantize=settings.quantize
+        )
+
+    return load
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    translator: TranslatorLike | None = None,
+    load: Callable[[], TranslatorLike] | None = None,
+) -> FastAPI:
+    """The service. The model comes from `translator` (already loaded), `load`, or
+    `settings.model_dir`; the batching worker loads it at startup, and /v1/ready is 503 until
+    it has."""
+    settings = settings or Settings()
+    if translator is not None:
+        loaded = translator
+        load = lambda: loaded  # noqa: E731
+    elif load is None:
+        load = load_translator(settings)
+    api_keys = settings.all_api_keys()
+    metrics = Metrics()
+    batcher = Batcher(
+        load,
+        metrics=metrics,
+        batching=settings.batching,
+        batch_tokens=settings.batch_tokens,
+        max_wait_s=settings.batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        retry_after_s=settings.retry_after_s,
+        warmup=settings.warmup,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(
+        title="NMT translation service",
+        version="1",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.batcher = batcher
+    app.include_router(build_router(settings, translate_request_model(settings), api_keys))
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    add_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER, "Retry-After"],
+        )
+    # outermost, so that CORS preflights and every error get a request id and are counted
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+    )
+    return app
+
+
+def _json_error(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = error_body(status, code, message, request_id_of(request.scope))
+    body["error"]["details"] = details or []
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(err: dict[str, Any]) -> tuple[list[str | int], str]:
+    """Where and what, in words a client can act on."""
+    loc = [p if isinstance(p, int) else str(p) for p in err.get("loc", ())]
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        reason = (err.get("ctx") or {}).get("error", "")
+        return ["body"], f"the body is not valid JSON ({reason} at position {loc[-1]})"
+    if kind == "missing" and loc == ["body"]:
+        return loc, "a JSON request body is required"
+    if kind == "extra_forbidden":
+        msg = "unknown field"
+    ctx = err.get("ctx") or {}
+    items = "texts per request" if loc == ["body", "text"] else "items"
+    if kind == "too_long" and "max_length" in ctx:
+        msg = f"at most {ctx['max_length']} {items} allowed (got {ctx.get('actual_length')})"
+    if kind == "too_short" and "min_length" in ctx:
+        msg = f"at least {ctx['min_length']} {items} needed (got {ctx.get('actual_length')})"
+        if loc == ["body", "text"] and ctx["min_length"] == 1:
+            msg = "at least one text is needed (got an empty list)"
+    return loc, msg
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answers with the `ErrorResponse` body; none leaks internals."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = []
+        for err in exc.errors():
+            loc, message = _validation_message(err)
+            details.append({"loc": loc, "message": message, "type": str(err.get("type", ""))})
+        first = details[0] if details else {"loc": [], "message": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"][1:] if p != "function-after[check_text()]")
+        message = f"{where}: {first['message']}" if where else str(first["message"])
+        return _json_error(request, 422, "invalid_request", message, details)
+
+    @app.exception_handler(InvalidRequestError)
+    async def on_invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        details = [{"loc": exc.loc, "message": exc.message, "type": "value_error"}]
+        return _json_error(request, exc.status, exc.code, exc.message, details)
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return _json_error(request, exc.status, exc.code, exc.message, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer to a body that is not UTF-8; the API calls every bad body a 422
+            message = "the body is not valid JSON (it must be UTF-8 encoded)"
+            details = [{"loc": ["body"], "message": message, "type": "json_invalid"}]
+            return _json_error(request, 422, "invalid_request", message, details)
+        code = _CODES.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "error")
+        headers = dict(exc.headers) if exc.headers else None
+        return _json_error(request, exc.status_code, code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _json_error(request, 500, "internal_error", "internal server error")

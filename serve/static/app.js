@@ -1,0 +1,288 @@
+// The web page: translate with /v1/translate or /v1/translate/stream, show the n-best list and
+// draw the attention matrix the API returns. Plain JavaScript, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { auth: false, maxChars: 1000, maxTexts: 64, maxBeam: 16, busy: false };
+
+function apiKey() {
+  return $("api-key").value.trim();
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json", Accept: "application/json" };
+  const key = apiKey();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function setStatus(text, isError = false) {
+  const el = $("status");
+  el.textContent = text;
+  el.classList.toggle("error", isError);
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    if (body && body.error) return `${body.error.message} (HTTP ${response.status})`;
+  } catch (_) { /* not JSON */ }
+  return `HTTP ${response.status}`;
+}
+
+async function loadModel() {
+  const r = await fetch("/v1/model", { headers: headers() });
+  if (r.status === 401) {
+    state.auth = true;
+    $("auth-panel").hidden = false;
+    $("model-line").textContent = "Enter the API key to use this server.";
+    return;
+  }
+  if (r.status === 503) {
+    $("model-line").textContent = "The model is loading…";
+    setTimeout(loadModel, 1000);
+    return;
+  }
+  if (!r.ok) {
+    $("model-line").textContent = await errorMessage(r);
+    return;
+  }
+  const info = await r.json();
+  state.auth = info.auth;
+  state.maxChars = info.limits.max_chars;
+  state.maxTexts = info.limits.max_texts;
+  state.maxBeam = info.limits.max_beam_size;
+  $("auth-panel").hidden = !info.auth;
+  $("beam-size").max = state.maxBeam;
+  $("n-best").max = state.maxBeam;
+  $("beam-size").value = Math.min(Math.max(info.default_beam_size, 1), state.maxBeam);
+  $("n-best").value = Math.min(3, $("beam-size").value);
+  const bleu = info.scores && (info.scores.bleu ?? info.scores.dev_bleu ?? info.scores.test_bleu);
+  const params = info.parameters && info.parameters.total;
+  const parts = [`${info.src_lang} → ${info.tgt_lang}`, info.name];
+  if (params) parts.push(`${(params / 1e6).toFixed(params < 1e6 ? 2 : 1)}M parameters`);
+  if (typeof bleu === "number") parts.push(`BLEU ${bleu.toFixed(1)}`);
+  $("model-line").textContent = parts.join(" · ");
+  $("source-label").firstChild.textContent = `Source text (${info.src_lang}) `;
+}
+
+function sourceLines() {
+  return $("source").value.split(/\r?\n/).map((s) => s.trim()).filter((s) => s.length > 0);
+}
+
+function options() {
+  const beam = Math.max(1, parseInt($("beam-size").value, 10) || 1);
+  const nBest = Math.min(beam, Math.max(1, parseInt($("n-best").value, 10) || 1));
+  return { beam_size: beam, n_best: nBest, return_alignments: $("alignments").checked };
+}
+
+function makeCard(source) {
+  const node = $("result-template").content.firstElementChild.cloneNode(true);
+  node.querySelector(".source-text").textContent = source;
+  node.querySelector(".nbest-box").hidden = true;
+  node.querySelector(".attention-box").hidden = true;
+  $("output").appendChild(node);
+  return node;
+}
+
+function fillCard(card, t) {
+  card.querySelector(".translation-text").classList.remove("streaming");
+  card.querySelector(".translation-text").textContent = t.text;
+  const meta = [];
+  if (typeof t.score === "number") meta.push(`score ${t.score.toFixed(3)}`);
+  if (t.finished === false) meta.push("cut at the maximum length");
+  card.querySelector(".meta").textContent = meta.join(" · ");
+  const list = card.querySelector(".nbest");
+  list.replaceChildren();
+  for (const h of t.n_best || []) {
+    const li = document.createElement("li");
+    li.textContent = h.text;
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = typeof h.score === "number" ? h.score.toFixed(3) : "";
+    li.appendChild(score);
+    list.appendChild(li);
+  }
+  card.querySelector(".nbest-box").hidden = (t.n_best || []).length < 2;
+  const a = t.alignment;
+  if (a && a.attention && a.attention.length) {
+    card.querySelector(".attention-box").hidden = false;
+    drawHeatmap(card.querySelector(".heatmap"), card.querySelector(".heatmap-hover"), a);
+  }
+}
+
+// Rows are target subwords, columns source subwords; darker is more attention.
+function drawHeatmap(canvas, hover, alignment) {
+  const src = alignment.src_tokens;
+  const tgt = alignment.tgt_tokens;
+  const matrix = alignment.attention;
+  const ctx = canvas.getContext("2d");
+  const font = "12px system-ui, sans-serif";
+  ctx.font = font;
+  const width = (list) => Math.max(20, ...list.map((s) => ctx.measureText(s).width));
+  const cell = Math.max(16, Math.min(30, Math.floor(640 / Math.max(src.length, 1))));
+  const left = Math.ceil(width(tgt)) + 10;
+  const top = Math.ceil(width(src)) + 10;
+  const dpr = window.devicePixelRatio || 1;
+  const w = left + cell * src.length + 4;
+  const h = top + cell * matrix.length + 4;
+  canvas.width = w * dpr;
+  canvas.height = h * dpr;
+  canvas.style.width = w + "px";
+  canvas.style.height = h + "px";
+  ctx.scale(dpr, dpr);
+  ctx.font = font;
+  ctx.fillStyle = "#fff";
+  ctx.fillRect(0, 0, w, h);
+  for (let t = 0; t < matrix.length; t++) {
+    for (let s = 0; s < src.length; s++) {
+      const v = Math.max(0, Math.min(1, matrix[t][s] || 0));
+      const shade = Math.round(255 - v * 200);
+      ctx.fillStyle = `rgb(${shade}, ${Math.round(255 - v * 160)}, 255)`;
+      ctx.fillRect(left + s * cell, top + t * cell, cell - 1, cell - 1);
+    }
+  }
+  ctx.fillStyle = "#1d2330";
+  ctx.textBaseline = "middle";
+  ctx.textAlign = "right";
+  tgt.forEach((tok, t) => ctx.fillText(tok, left - 6, top + t * cell + cell / 2));
+  src.forEach((tok, s) => {
+    ctx.save();
+    ctx.translate(left + s * cell + cell / 2, top - 6);
+    ctx.rotate(-Math.PI / 2);
+    ctx.textAlign = "left";
+    ctx.fillText(tok, 0, 0);
+    ctx.restore();
+  });
+  canvas.onmousemove = (ev) => {
+    const rect = canvas.getBoundingClientRect();
+    const s = Math.floor((ev.clientX - rect.left - left) / cell);
+    const t = Math.floor((ev.clientY - rect.top - top) / cell);
+    if (s >= 0 && s < src.length && t >= 0 && t < matrix.length) {
+      hover.textContent = `${tgt[t]} ← ${src[s]}: ${(matrix[t][s] || 0).toFixed(3)}`;
+    } else {
+      hover.textContent = "";
+    }
+  };
+}
+
+async function translatePlain(lines, cards) {
+  const r = await fetch("/v1/translate", {
+    method: "POST",
+    headers: headers(),
+    body: JSON.stringify({ text: lines, ...options() }),
+  });
+  if (!r.ok) throw new Error(await errorMessage(r));
+  const body = await r.json();
+  body.translations.forEach((t, i) => fillCard(cards[i], t));
+  return body.request_id;
+}
+
+// POST + Server-Sent Events: EventSource only does GET, so read the body stream and split events.
+async function translateStream(lines, cards) {
+  const opts = options();
+  if (lines.length === 1 && !opts.return_alignments) {
+    opts.beam_size = 1; // token-by-token streaming is greedy
+    opts.n_best = 1;
+  }
+  const r = await fetch("/v1/translate/stream", {
+    method: "POST",
+    headers: { ...headers(), Accept: "text/event-stream" },
+    body: JSON.stringify({ text: lines, ...opts }),
+  });
+  if (!r.ok) throw new Error(await errorMessage(r));
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let requestId = r.headers.get("X-Request-ID");
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const raw = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message";
+      let data = "";
+      for (const line of raw.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data += line.slice(5).trim();
+      }
+      const payload = data ? JSON.parse(data) : {};
+      if (event === "token") {
+        const el = cards[payload.index].querySelector(".translation-text");
+        el.textContent = payload.text;
+        el.classList.add("streaming");
+      } else if (event === "translation") {
+        fillCard(cards[payload.index], payload);
+      } else if (event === "error") {
+        throw new Error(payload.error.message);
+      } else if (event === "done") {
+        requestId = payload.request_id;
+      }
+    }
+  }
+  return requestId;
+}
+
+async function translate() {
+  if (state.busy) return;
+  const lines = sourceLines();
+  if (!lines.length) {
+    setStatus("Type something to translate.", true);
+    return;
+  }
+  if (lines.length > state.maxTexts) {
+    setStatus(`At most ${state.maxTexts} lines at once.`, true);
+    return;
+  }
+  const tooLong = lines.findIndex((l) => l.length > state.maxChars);
+  if (tooLong >= 0) {
+    setStatus(`Line ${tooLong + 1} is longer than ${state.maxChars} characters.`, true);
+    return;
+  }
+  if ($("remember-key").checked) localStorage.setItem("nmt-api-key", apiKey());
+  state.busy = true;
+  $("translate").disabled = true;
+  $("output").replaceChildren();
+  const cards = lines.map(makeCard);
+  setStatus("Translating…");
+  const started = performance.now();
+  try {
+    const id = $("stream").checked
+      ? await translateStream(lines, cards)
+      : await translatePlain(lines, cards);
+    const ms = Math.round(performance.now() - started);
+    setStatus(`Done in ${ms} ms · request ${id || ""}`);
+    if (state.auth && !$("model-line").textContent.includes("→")) loadModel();
+  } catch (err) {
+    setStatus(err.message || String(err), true);
+  } finally {
+    state.busy = false;
+    $("translate").disabled = false;
+  }
+}
+
+function updateCount() {
+  const n = $("source").value.length;
+  $("char-count").textContent = n ? `${n} characters` : "";
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  const saved = localStorage.getItem("nmt-api-key");
+  if (saved) {
+    $("api-key").value = saved;
+    $("remember-key").checked = true;
+  }
+  $("translate").addEventListener("click", translate);
+  $("source").addEventListener("input", updateCount);
+  $("source").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      translate();
+    }
+  });
+  $("api-key").addEventListener("change", loadModel);
+  loadModel();
+});
