@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,46 +69,83 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[min(int(q), 99) - 1]
 
 
-async def run_level(
-    base_url: str,
-    concurrency: int,
-    seconds: float,
-    sentences: list[str],
-    texts_per_request: int,
-    options: dict[str, Any],
-    headers: dict[str, str],
-) -> tuple[list[float], int, int, float]:
-    """Closed-loop clients for `seconds`; returns (latencies s, ok, errors, elapsed s)."""
+@dataclass(frozen=True)
+class Load:
+    """Closed-loop clients against one server for a fixed time."""
+
+    base_url: str
+    concurrency: int
+    seconds: float
+    sentences: tuple[str, ...]
+    texts_per_request: int = 1
+    options: tuple[tuple[str, Any], ...] = ()  # decoding options sent with every request
+    grace_s: float = 10.0  # after `seconds`, how long answers may still come
+    first: int = 0  # where in `sentences` the first client starts
+
+
+async def run_clients(load: Load) -> tuple[list[float], int, float]:
+    """Runs the clients; returns (latencies in s of answered requests, errors, elapsed s).
+
+    Each client has its own connection (one pool for hundreds of connections is slow in
+    httpx). Requests still unanswered `grace_s` after the end are abandoned and count as errors.
+    """
     latencies: list[float] = []
     errors = 0
-    stop_at = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    in_flight = 0
+    stop_at = time.perf_counter() + load.seconds
+    options = dict(load.options)
+    n, k = len(load.sentences), load.texts_per_request
 
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
-
-        async def worker(k: int) -> None:
-            nonlocal errors
-            i = k
+    async def client(c: int) -> None:
+        nonlocal errors, in_flight
+        i = load.first + c * k
+        async with httpx.AsyncClient(base_url=load.base_url, timeout=120) as http:
             while time.perf_counter() < stop_at:
-                texts = [sentences[(i + j) % len(sentences)] for j in range(texts_per_request)]
-                i += texts_per_request * concurrency
+                texts = [load.sentences[(i + j) % n] for j in range(k)]
+                i += k * load.concurrency
                 start = time.perf_counter()
+                in_flight += 1
                 try:
-                    r = await client.post(
-                        "/v1/translate", json={"text": texts, **options}, headers=headers
-                    )
+                    r = await http.post("/v1/translate", json={"text": texts, **options})
                     ok = r.status_code == 200
                 except httpx.HTTPError:
                     ok = False
+                finally:
+                    in_flight -= 1
                 if ok:
                     latencies.append(time.perf_counter() - start)
                 else:
                     errors += 1
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return latencies, len(latencies), errors, elapsed
+    start = time.perf_counter()
+    try:
+        clients = asyncio.gather(*(client(c) for c in range(load.concurrency)))
+        await asyncio.wait_for(clients, load.seconds + load.grace_s)
+    except TimeoutError:
+        errors += in_flight  # abandoned; the server drops what they had queued
+    return latencies, errors, min(time.perf_counter() - start, load.seconds + load.grace_s)
+
+
+def _client_process(load: Load) -> tuple[list[float], int, float]:
+    return asyncio.run(run_clients(load))
+
+
+def run_level(load: Load, processes: int) -> tuple[list[float], int, float]:
+    """`run_clients` with the clients spread over up to `processes` processes (one asyncio
+    loop drives only so many connections), results merged."""
+    procs = max(1, min(processes, load.concurrency))
+    if procs == 1:
+        return _client_process(load)
+    shares = [load.concurrency // procs + (i < load.concurrency % procs) for i in range(procs)]
+    starts = [sum(shares[:i]) * load.texts_per_request for i in range(procs)]
+    loads = [
+        replace(load, concurrency=share, first=load.first + start)
+        for share, start in zip(shares, starts, strict=True)
+    ]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        parts = pool.map(_client_process, loads)
+    latencies = [x for part in parts for x in part[0]]
+    return latencies, sum(p[1] for p in parts), max(p[2] for p in parts)
 
 
 def run_mode(args: argparse.Namespace, batching: bool, sentences: list[str]) -> list[LevelResult]:
@@ -117,29 +155,30 @@ def run_mode(args: argparse.Namespace, batching: bool, sentences: list[str]) -> 
         "NMT_BATCH_TOKENS": str(args.batch_tokens),
         "NMT_MAX_QUEUE": "100000",
         "NMT_REQUEST_TIMEOUT_S": "120",
+        "NMT_TORCH_THREADS": str(args.torch_threads),
         "NMT_API_KEYS": "",
         "NMT_API_KEYS_FILE": "",
     }
-    options: dict[str, Any] = {}
-    if args.beam_size:
-        options["beam_size"] = args.beam_size
+    options = (("beam_size", args.beam_size),) if args.beam_size else ()
     results = []
     with serve_in_subprocess(args.model, env=env, log_path=args.server_log) as (url, _):
-        # one short round so that kernel setup is not measured
-        asyncio.run(run_level(url, 2, args.warmup_seconds, sentences, 1, options, {}))
+        # one short round first, so that one-off kernel setup is not measured
+        run_level(Load(url, 4, args.warmup_seconds, tuple(sentences), 1, options), 1)
         for c in args.concurrency:
-            lat, ok, errors, elapsed = asyncio.run(
-                run_level(url, c, args.seconds, sentences, args.texts_per_request, options, {})
-            )
+            load = Load(
+                url, c, args.seconds, tuple(sentences), args.texts_per_request, options,
+                args.grace_seconds,
+            )  # fmt: skip
+            lat, errors, elapsed = run_level(load, args.client_processes)
             ms = [x * 1000 for x in lat]
             result = LevelResult(
                 batching=batching,
                 concurrency=c,
                 seconds=round(elapsed, 2),
-                requests=ok,
+                requests=len(lat),
                 errors=errors,
-                requests_per_s=round(ok / elapsed, 2),
-                sentences_per_s=round(ok * args.texts_per_request / elapsed, 2),
+                requests_per_s=round(len(lat) / elapsed, 2),
+                sentences_per_s=round(len(lat) * args.texts_per_request / elapsed, 2),
                 p50_ms=round(percentile(ms, 50), 1),
                 p95_ms=round(percentile(ms, 95), 1),
                 p99_ms=round(percentile(ms, 99), 1),
@@ -168,12 +207,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, required=True, help="model directory")
     p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client counts")
     p.add_argument("--seconds", type=float, default=8.0, help="load time per concurrency level")
-    p.add_argument("--warmup-seconds", type=float, default=2.0)
+    p.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=10.0,
+        help="after the load time, how long answers may still come (then: errors)",
+    )
+    p.add_argument("--warmup-seconds", type=float, default=5.0)
     p.add_argument("--modes", default="on,off", help="batching modes to run: on, off or both")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--beam-size", type=int, default=None, help="default: the model's")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=4,
+        help="processes the clients are spread over (default 4)",
+    )
+    p.add_argument("--torch-threads", type=int, default=0, help="server's CPU threads (0: default)")
     p.add_argument("--input", type=Path, default=None, help="sentences, one per line")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     p.add_argument("--server-log", type=Path, default=None, help="server output (default: dropped)")
@@ -193,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     sentences = DEFAULT_SENTENCES
     if args.input is not None:
         sentences = [s.strip() for s in args.input.read_text("utf-8").splitlines() if s.strip()]
-    budget_s = len(args.modes) * (len(args.concurrency) * args.seconds + args.warmup_seconds)
-    print(f"# load test of {args.model}: about {budget_s:.0f} s of load", file=sys.stderr)
+    level_s = args.seconds + args.grace_seconds
+    budget_s = len(args.modes) * (len(args.concurrency) * level_s + args.warmup_seconds)
+    print(f"# load test of {args.model}: at most {budget_s:.0f} s of load", file=sys.stderr)
     results: list[LevelResult] = []
     for batching in args.modes:
         results += run_mode(args, batching, sentences)

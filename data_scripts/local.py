@@ -29,8 +29,6 @@ from nmt.corpus import (
     require_file,
 )
 
-FORMATS = ("pair", "tsv", "jsonl")
-
 
 def detect_format(paths: list[str]) -> str:
     """`pair` for two files; `tsv` or `jsonl` from the extension of a single one."""

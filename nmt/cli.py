@@ -15,9 +15,15 @@ EPILOG = "Run `nmt COMMAND --help` for the options of each command."
 
 
 def _add_decode_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="model directory (e.g. runs/NAME/model)")
-    p.add_argument("--beam-size", type=int, default=None, help="beam width; 1 is greedy (default: model's)")
-    p.add_argument("--batch-tokens", type=int, default=None, help="source tokens per decoding batch")
+    p.add_argument(
+        "--model", required=True, type=Path, help="model directory (e.g. runs/NAME/model)"
+    )
+    p.add_argument(
+        "--beam-size", type=int, default=None, help="beam width; 1 is greedy (default: model's)"
+    )
+    p.add_argument(
+        "--batch-tokens", type=int, default=None, help="source tokens per decoding batch"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default: cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 uses autocast (fast on CPUs with AMX and on GPUs)")  # fmt: skip
@@ -67,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="model directory")
     p.add_argument("--src", type=Path, default=None, help="source file to translate")
     p.add_argument("--hyp", type=Path, default=None, help="existing translations to score")
-    p.add_argument("--ref", type=Path, action="append", required=True, help="reference file (repeatable)")
+    p.add_argument(
+        "--ref", type=Path, action="append", required=True, help="reference file (repeatable)"
+    )
     p.add_argument("--beam-size", type=int, default=None)
     p.add_argument("--batch-tokens", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -76,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="also write the translations here")
     p.add_argument("--alignments", type=Path, default=None,
                    help="write word-level Pharaoh alignments (0-0 1-2 ...) to this file")  # fmt: skip
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: off)")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: off)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("serve", help="serve a model over HTTP (REST + web page)")
@@ -91,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("average", help="average the last K checkpoints of a run into one model")
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--last", type=int, default=5, help="number of checkpoints (default 5)")
-    p.add_argument("--out", type=Path, default=None, help="output model dir (default RUN_DIR/model-avg)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output model dir (default RUN_DIR/model-avg)"
+    )
 
     p = sub.add_parser("info", help="parameter counts of a config or a model directory")
     g = p.add_mutually_exclusive_group(required=True)
@@ -180,7 +192,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     line_no = 0
     try:
         for chunk in _read_chunks(source, max(args.chunk_lines, 1)):
-            results = [None] * len(chunk)
+            results: list[Any] = [None] * len(chunk)
             for i, result in translate_corpus(translator, chunk, beam_size=args.beam_size,
                                               n_best=args.n_best, batch_tokens=args.batch_tokens,
                                               return_alignments=want_attention):  # fmt: skip
@@ -222,14 +234,16 @@ def cmd_translate(args: argparse.Namespace) -> int:
 def _read_lines(path: Path) -> list[str]:
     from nmt.corpus import read_lines
 
-    return read_lines(path)
+    return list(read_lines(path))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nmt.metrics import score_files_text
 
     if (args.hyp is None) == (args.src is None):
-        raise ValueError("give either --hyp FILE (score it) or --model DIR --src FILE (translate it)")
+        raise ValueError(
+            "give either --hyp FILE (score it) or --model DIR --src FILE (translate it)"
+        )
     refs = [_read_lines(r) for r in args.ref]
     if args.hyp is not None:
         hyps = _read_lines(args.hyp)
@@ -318,7 +332,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if args.model:
         from nmt.checkpoint import read_model_dir
-
         from nmt.tokenizer import Tokenizer
 
         cfg, _ = read_model_dir(args.model)

@@ -308,8 +308,13 @@ def validate(cfg: Config) -> None:
         ("data.max_tokens", cfg.data.max_tokens),
     ]:
         _check(value > 0, f"{name} must be positive, got {value}")
-    for name, layers in [("model.encoder.num_layers", enc.num_layers), ("model.decoder.num_layers", dec.num_layers)]:
-        _check(1 <= layers <= MAX_LAYERS, f"{name} must be between 1 and {MAX_LAYERS}, got {layers}")
+    for name, layers in [
+        ("model.encoder.num_layers", enc.num_layers),
+        ("model.decoder.num_layers", dec.num_layers),
+    ]:
+        _check(
+            1 <= layers <= MAX_LAYERS, f"{name} must be between 1 and {MAX_LAYERS}, got {layers}"
+        )
     for name, p in [
         ("model.encoder.dropout", enc.dropout),
         ("model.decoder.dropout", dec.dropout),
@@ -318,7 +323,10 @@ def validate(cfg: Config) -> None:
         ("train.scheduled_sampling", cfg.train.scheduled_sampling),
     ]:
         _check(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
-    _check(cfg.tokenizer.vocab_size >= 16, f"tokenizer.vocab_size is too small: {cfg.tokenizer.vocab_size}")
+    _check(
+        cfg.tokenizer.vocab_size >= 16,
+        f"tokenizer.vocab_size is too small: {cfg.tokenizer.vocab_size}",
+    )
 
     inputs, outputs = _layer_widths(m)
     for i in range(max(enc.residual_from, 0), enc.num_layers):
@@ -328,25 +336,37 @@ def validate(cfg: Config) -> None:
             f"{inputs[i]} to {outputs[i]}, so it cannot be residual; start residuals at a later layer",
         )
     _check(enc.residual_from >= 0, "model.encoder.residual_from must be >= 0")
-    _check(dec.residual_from >= 1 or dec.num_layers == 1 or m.embed_dim == dec.hidden_dim,
-           f"model.decoder.residual_from={dec.residual_from}: the bottom decoder layer maps the "
-           f"embedding width {m.embed_dim} to {dec.hidden_dim}; start residuals at layer 1 or later")
+    _check(
+        dec.residual_from >= 1 or dec.num_layers == 1 or m.embed_dim == dec.hidden_dim,
+        f"model.decoder.residual_from={dec.residual_from}: the bottom decoder layer maps the "
+        f"embedding width {m.embed_dim} to {dec.hidden_dim}; start residuals at layer 1 or later",
+    )
 
     if att.type == "bahdanau":
-        _check(att.score in ("additive", "concat"),
-               f"model.attention.score={att.score!r}: Bahdanau attention is additive; use 'additive'")
+        _check(
+            att.score in ("additive", "concat"),
+            f"model.attention.score={att.score!r}: Bahdanau attention is additive; use 'additive'",
+        )
     if att.score == "dot":
-        _check(encoder_output_dim(m) == dec.hidden_dim,
-               f"model.attention.score='dot' needs the encoder output width ({encoder_output_dim(m)}) "
-               f"to equal model.decoder.hidden_dim ({dec.hidden_dim}); use 'general' instead")
-    _check(not (dec.input_feeding and att.type != "luong"),
-           f"model.decoder.input_feeding applies to Luong attention only (attention.type={att.type!r})")
+        _check(
+            encoder_output_dim(m) == dec.hidden_dim,
+            f"model.attention.score='dot' needs the encoder output width ({encoder_output_dim(m)}) "
+            f"to equal model.decoder.hidden_dim ({dec.hidden_dim}); use 'general' instead",
+        )
+    _check(
+        not (dec.input_feeding and att.type != "luong"),
+        f"model.decoder.input_feeding applies to Luong attention only (attention.type={att.type!r})",
+    )
     _check(att.dim >= 0, "model.attention.dim must be >= 0")
     if m.share_embeddings:
-        _check(cfg.tokenizer.joint,
-               "model.share_embeddings needs a joint vocabulary (tokenizer.joint: true)")
-    _check(cfg.data.corpus is not None or (cfg.data.train_src and cfg.data.train_tgt),
-           "data: give data.corpus (a prepared folder) or both data.train_src and data.train_tgt")
+        _check(
+            cfg.tokenizer.joint,
+            "model.share_embeddings needs a joint vocabulary (tokenizer.joint: true)",
+        )
+    _check(
+        cfg.data.corpus is not None or bool(cfg.data.train_src and cfg.data.train_tgt),
+        "data: give data.corpus (a prepared folder) or both data.train_src and data.train_tgt",
+    )
     _check(cfg.train.valid_every > 0, "train.valid_every must be positive")
     _check(cfg.train.log_every > 0, "train.log_every must be positive")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")

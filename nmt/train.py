@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from nmt import checkpoint as ckpt
 from nmt.config import Config, ConfigError, TrainConfig, config_from_dict, load_config, save_config
 from nmt.corpus import split_files
-from nmt.data import Batch, EncodedCorpus, TokenBatchSampler, collate
+from nmt.data import Batch, EncodedCorpus, TokenBatchSampler
 from nmt.loss import label_smoothed_nll
 from nmt.metrics import corpus_scores
-from nmt.model import build_model, count_parameters
+from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.search import greedy_search
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card, plot_curves
@@ -148,7 +148,7 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_files: tuple[Path, Path]
 
 
 def scheduled_sampling_logits(
-    model: nn.Module, batch: Batch, prob: float, generator: torch.Generator | None = None
+    model: Seq2Seq, batch: Batch, prob: float, generator: torch.Generator | None = None
 ) -> Tensor:
     """Teacher forcing where each input token is, with probability `prob`, the model's own guess."""
     memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
@@ -170,7 +170,7 @@ def forward_loss(
 ) -> tuple[Tensor, Tensor, int]:
     """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch."""
     if ss_prob > 0:
-        inner = getattr(model, "module", model)
+        inner = cast(Seq2Seq, getattr(model, "module", model))
         logits = scheduled_sampling_logits(inner, batch, ss_prob)
     else:
         logits = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
@@ -183,7 +183,7 @@ def forward_loss(
 
 @torch.no_grad()
 def validate(
-    model: nn.Module,
+    model: Seq2Seq,
     dev: EncodedCorpus,
     dev_refs: list[str],
     tokenizer: Tokenizer,
@@ -193,7 +193,7 @@ def validate(
     length_ratio: tuple[float, float],
 ) -> dict[str, Any]:
     """Dev loss, perplexity and detokenised BLEU/chrF of greedy (or small-beam) output."""
-    inner = getattr(model, "module", model)
+    inner = model
     inner.eval()
     tc = cfg.train
     n = len(dev) if tc.valid_max_sentences <= 0 else min(len(dev), tc.valid_max_sentences)
@@ -204,8 +204,7 @@ def validate(
     tokens = 0
     hyps: dict[int, list[int]] = {}
     for idx in sampler:
-        batch = collate([dev[i] for i in idx], idx, tokenizer.pad_id, tokenizer.bos_id,
-                        tokenizer.eos_id).to(device)  # fmt: skip
+        batch = dev.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
         with autocast(device, precision):
             logits = inner(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
             loss, nll, n_tok = label_smoothed_nll(logits, batch.tgt_out, tokenizer.pad_id, 0.0)
@@ -215,10 +214,16 @@ def validate(
                 results = [
                     h[0]
                     for h in beam_search(
-                        inner, batch.src, batch.src_lengths, batch.src_mask,
-                        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                        beam_size=tc.valid_beam_size, length_penalty=cfg.decode.length_penalty,
-                        max_len_a=length_ratio[0], max_len_b=int(length_ratio[1]),
+                        inner,
+                        batch.src,
+                        batch.src_lengths,
+                        batch.src_mask,
+                        bos_id=tokenizer.bos_id,
+                        eos_id=tokenizer.eos_id,
+                        beam_size=tc.valid_beam_size,
+                        length_penalty=cfg.decode.length_penalty,
+                        max_len_a=length_ratio[0],
+                        max_len_b=int(length_ratio[1]),
                     )  # fmt: skip
                 ]
             else:
@@ -310,11 +315,10 @@ def choose_precision(requested: str, device: torch.device) -> str:
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    flags = ""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        flags = ""
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
 
 
@@ -569,7 +573,6 @@ def _loop(
     from tqdm.auto import tqdm
 
     tc = cfg.train
-    pad = tokenizer.pad_id
     bar = tqdm(total=tc.max_steps or None, initial=loop.step, disable=not (progress and info.is_main),
                unit="step", dynamic_ncols=True, desc="train")  # fmt: skip
     window_loss = window_tokens = 0.0
@@ -598,7 +601,9 @@ def _loop(
                     micro.append(idx)
                 if not micro:
                     break
-                ss_prob = tc.scheduled_sampling * min(1.0, loop.step / max(tc.scheduled_sampling_steps, 1))
+                ss_prob = tc.scheduled_sampling * min(
+                    1.0, loop.step / max(tc.scheduled_sampling_steps, 1)
+                )
                 lr = learning_rate(loop.step + 1, tc, loop.plateau_scale)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -617,7 +622,9 @@ def _loop(
                     loop.skipped_batches += 1
                     logger.warning("step %d: non-finite loss, batch skipped", loop.step + 1)
                     continue
-                _optimizer_step(model, optimizer, scaler, tc, info.world_size / max(total_tokens, 1))
+                _optimizer_step(
+                    model, optimizer, scaler, tc, info.world_size / max(total_tokens, 1)
+                )
                 loop.step += 1
                 loop.tokens_seen += int(total_tokens)
                 window_loss += all_reduce_sum(nll_sum, info)
@@ -686,8 +693,7 @@ def _accumulate(
     loss_total = nll_total = 0.0
     tokens = 0
     for i, idx in enumerate(micro):
-        batch = collate([data[j] for j in idx], idx, tokenizer.pad_id, tokenizer.bos_id,
-                        tokenizer.eos_id).to(device)  # fmt: skip
+        batch = data.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
         sync = i == len(micro) - 1 or info.world_size == 1
         ctx = train_model.no_sync() if not sync else _null()  # type: ignore[operator]
         with ctx:

@@ -22,9 +22,13 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
 
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train NLL/token")
+        ax_loss.plot(
+            [r["step"] for r in train], [r["loss"] for r in train], label="train NLL/token"
+        )
     if valid:
-        ax_loss.plot([r["step"] for r in valid], [r["dev_nll"] for r in valid], "o-", label="dev NLL/token")
+        ax_loss.plot(
+            [r["step"] for r in valid], [r["dev_nll"] for r in valid], "o-", label="dev NLL/token"
+        )
         ax_bleu.plot([r["step"] for r in valid], [r["dev_bleu"] for r in valid], "o-", color="C2")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
     ax_loss.grid(alpha=0.3)

@@ -8,14 +8,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
 
 from nmt.checkpoint import load_weights, read_model_dir
 from nmt.config import Config
-from nmt.model import build_model, count_parameters
+from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.search import Hypothesis, beam_search, greedy_search
 from nmt.tokenizer import Tokenizer
 
@@ -64,7 +64,7 @@ class Translator:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Seq2Seq,
         tokenizer: Tokenizer,
         cfg: Config,
         meta: dict[str, Any] | None = None,
@@ -102,7 +102,7 @@ class Translator:
         if quantize:
             if dev.type != "cpu":
                 raise ValueError("int8 quantisation runs on the CPU only; use --device cpu")
-            model = quantize_dynamic_int8(model)
+            model = cast(Seq2Seq, quantize_dynamic_int8(model))
         return cls(model, tokenizer, cfg, meta, dev, precision)
 
     # -- text <-> tensors ---------------------------------------------------------------------

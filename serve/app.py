@@ -53,6 +53,12 @@ def load_translator(settings: Settings) -> Callable[[], TranslatorLike]:
     def load() -> TranslatorLike:
         from nmt.translate import Translator
 
+        if settings.torch_threads > 0:
+            import torch
+
+            # process-wide, which is what a server process wants (e.g. 1 per uvicorn worker)
+            torch.set_num_threads(settings.torch_threads)
+
         logger.info("loading %s (%s, %s)", model_dir, settings.device, settings.precision)
         return Translator.load(
             model_dir, settings.device, settings.precision, quantize=settings.quantize

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # cpu, cuda, cuda:1 or auto
     precision: Literal["fp32", "bf16"] = "fp32"
     quantize: bool = False  # int8 dynamic quantisation (CPU)
+    torch_threads: int = Field(default=0, ge=0)  # intra-op CPU threads; 0: torch's default
     warmup: bool = True  # translate one sentence before reporting ready (builds CPU kernels)
 
     # -- limits on one request ----------------------------------------------------------------

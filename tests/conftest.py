@@ -9,6 +9,9 @@ Built once per test session in a temporary folder:
 - `copy_corpus` / `reverse_corpus`: Paths of generated symbol-sequence tasks in the same layout,
   languages `src`/`tgt` (`d a f` -> `d a f`, or `f a d`); `make_task_corpus(out_dir, ...)`
   writes one with other settings (also importable as `write_task_corpus`).
+- `toy_translation_dir`: an easier copy task (8 symbols, 1-6 long) for training-loop tests.
+- `tiny_model_dir`: configs/tiny.yaml trained 150 steps on the toy corpus (es -> en), the model
+  directory of that run (for translator and service tests).
 """
 
 from __future__ import annotations
@@ -160,9 +163,11 @@ def make_task_corpus() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def toy_translation_dir(reverse_corpus: Path) -> Path:
-    """A corpus folder (languages `src`/`tgt`) that a tiny model learns in a few dozen steps."""
-    return reverse_corpus
+def toy_translation_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus folder (languages `src`/`tgt`) that configs/tiny.yaml starts to learn within about
+    100 steps: copying sequences of 1 to 6 of 8 symbols."""
+    out = tmp_path_factory.mktemp("data") / "toy-translation"
+    return write_task_corpus(out, "copy", num_symbols=8, min_len=1, max_len=6)
 
 
 @pytest.fixture(scope="session")

@@ -125,9 +125,29 @@ class Decoder(nn.Module):
         coverage = torch.zeros(batch, src_len, device=final.device)
         return DecoderState(hidden, cell, attn_vector, coverage)
 
+    def _cell_kernel(self, inp: Tensor) -> bool:
+        """Whether a single step runs faster as a cell than as a length-1 sequence.
+
+        Measured on CPU: under bf16 autocast `lstm_cell` is about 1.7x faster than a
+        length-1 nn.LSTM call (forward + backward), while in fp32 nn.LSTM's oneDNN kernel is
+        1.4x faster; `gru_cell` measured no slower than nn.GRU in either."""
+        if not self.is_lstm or inp.device.type != "cpu" or inp.dtype != torch.float32:
+            return True
+        return torch.is_autocast_enabled("cpu")
+
     def _run_layer(self, i: int, inp: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i over inp (B, T, In) from its slice of state -> out (B, T, H), h, c (1, B, H)."""
         layer = self.layers[i]
+        # the cell kernels need the float weights (not, for example, a quantised module's)
+        if inp.size(1) == 1 and isinstance(layer, nn.RNNBase) and self._cell_kernel(inp):
+            weights = layer.all_weights[0]  # w_ih, w_hh, b_ih, b_hh of the one layer
+            if self.is_lstm:
+                h, c = torch.lstm_cell(inp[:, 0], (state.hidden[i], state.cell[i]), *weights)
+                h, c = h.unsqueeze(0), c.unsqueeze(0)
+            else:
+                h = torch.gru_cell(inp[:, 0], state.hidden[i], *weights).unsqueeze(0)
+                c = state.cell[i : i + 1]
+            return h.transpose(0, 1), h, c
         if self.is_lstm:
             out, (h, c) = layer(inp, (state.hidden[i : i + 1], state.cell[i : i + 1]))
         else:
@@ -154,6 +174,15 @@ class Decoder(nn.Module):
 
     # -- public -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _autocast_input(emb: Tensor) -> Tensor:
+        """Under autocast, the embeddings in the autocast dtype once, instead of mixed-dtype
+        concatenations promoting to fp32 and kernels casting back at every step."""
+        device = emb.device.type
+        if torch.is_autocast_enabled(device):
+            return emb.to(torch.get_autocast_dtype(device))
+        return emb
+
     def forward(
         self, emb: Tensor, state: DecoderState, memory: EncoderMemory
     ) -> tuple[Tensor, Tensor]:
@@ -161,6 +190,7 @@ class Decoder(nn.Module):
 
         Returns output vectors (B, T, H) for the output projection and attention (B, T, S).
         """
+        emb = self._autocast_input(emb)
         masks = self._masks(emb.size(0), emb)
         if not self.loops_over_steps:
             out, _, _, attn = self._block(emb, state, memory, masks)
@@ -181,6 +211,7 @@ class Decoder(nn.Module):
 
         Returns the output vector (B, H), the new state and attention weights (B, S).
         """
+        emb = self._autocast_input(emb)
         masks = self._masks(emb.size(0), emb)
         out, hidden, cell, attn = self._block(emb.unsqueeze(1), state, memory, masks)
         attn = attn.squeeze(1)

@@ -170,4 +170,6 @@ class Encoder(nn.Module):
         if self.top_bidirectional:
             half = x.size(-1) // 2
             final = torch.cat([final[:, :half], x[:, 0, half:]], dim=-1)
-        return x, final
+        # nn.LSTM's batch-first output is a transposed view; attention's bmm would copy it on
+        # every decoding step, so copy once here
+        return x.contiguous(), final
