@@ -36,7 +36,7 @@ CASES: dict[str, tuple[str, list[str], int]] = {
         ["model.decoder.input_feeding=true"],
         4096,
     ),
-    "gnmt-8layer": ("configs/gnmt-8layer.yaml", [], 512),
+    "gnmt-8layer": ("configs/gnmt-8layer.yaml", [], 2048),
 }
 
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every case")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--length", type=int, default=32, help="padded source/target length")
+    parser.add_argument("--batch-tokens", type=int, default=0, help="0: each case's default")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--step-rows", type=int, default=320, help="0 skips the step timing")
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cases": {
-            name: run_case(name, config, overrides, tokens, args)
+            name: run_case(name, config, overrides, args.batch_tokens or tokens, args)
             for name, (config, overrides, tokens) in cases.items()
         },
     }

@@ -363,7 +363,7 @@ def greedy_search(
         return_attention=return_attention,
     )
     limits = max_lengths(src_lengths, max_len_a, max_len_b)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
         return runner.run(model, src, src_lengths, src_mask, limits)
 
 
@@ -422,7 +422,7 @@ def sample(
         return_attention=return_attention,
     )
     limits = max_lengths(src_lengths, max_len_a, max_len_b)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
         return runner.run(model, src, src_lengths, src_mask, limits)
 
 
@@ -473,7 +473,7 @@ def beam_search(
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
     _check_common(min_len, no_repeat_ngram)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
         return _BeamSearch(
             beam_size=beam_size,
             n_best=n_best,
