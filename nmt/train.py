@@ -322,6 +322,15 @@ def choose_precision(requested: str, device: torch.device) -> str:
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak resident memory of this process (or peak CUDA memory on a GPU), in MiB."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def hardware_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -526,7 +535,8 @@ def train(
                     loop.plateau_scale *= tc.plateau_factor
                     loop.plateau_bad = 0
         log.write({"kind": "valid", "step": loop.step, "epoch": loop.epoch,
-                   "time": round(loop.elapsed, 1), **record, "best_bleu": loop.best_bleu})  # fmt: skip
+                   "time": round(loop.elapsed, 1), **record, "best_bleu": loop.best_bleu,
+                   "peak_rss_mb": peak_memory_mb(device)})  # fmt: skip
         if info.is_main:
             logger.info("step %d: dev BLEU %.2f (best %.2f at %d), dev ppl %.2f", loop.step, bleu,
                         loop.best_bleu, loop.best_step, record["dev_ppl"])  # fmt: skip
