@@ -58,9 +58,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """int8 dynamic quantisation of the LSTM/GRU and linear layers (CPU inference only)."""
+    import warnings
+
     from torch.ao.quantization import quantize_dynamic
 
-    return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao; still works
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
 
 
 class Translator:
