@@ -33,10 +33,13 @@ $NMT evaluate --model "$RUN/model" --src "$CORPUS/test.es" --ref "$CORPUS/test.e
   --beam-size 5 --output "$RUN/test.hyp.en" --bootstrap 200
 
 step "4/5 Translating a few sentences"
+examples="$RUN/demo-examples.es"
 printf '%s\n' \
   "En el principio era el Verbo, y el Verbo era con Dios." \
   "Bienaventurados los pacificadores, porque ellos serán llamados hijos de Dios." \
-  "El amor es sufrido, es benigno." | tee /dev/stderr | $NMT translate --model "$RUN/model"
+  "El amor es sufrido, es benigno." > "$examples"
+$NMT translate --model "$RUN/model" --input "$examples" --beam-size 5 | paste -d '\n' "$examples" - |
+  sed 'n;s/^/  -> /'
 
 step "5/5 Serving the model"
 cat <<MSG
@@ -44,7 +47,7 @@ Web page:  http://127.0.0.1:$PORT/
 API docs:  http://127.0.0.1:$PORT/docs
 Try it:
   curl -s http://127.0.0.1:$PORT/v1/translate -H 'Content-Type: application/json' \\
-       -d '{"texts": ["Dios es amor."], "beam_size": 5}'
+       -d '{"text": ["Dios es amor."], "beam_size": 5}'
 Press Ctrl+C to stop.
 MSG
 exec $NMT serve --model "$RUN/model" --host 127.0.0.1 --port "$PORT"
