@@ -47,9 +47,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}"
 
 
+def shown(cmd: list[str]) -> str:
+    """The command as a reader would type it: paths relative to the repository."""
+    return " ".join(os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd)
+
+
 def run(name: str, cmd: list[str], timeout: float) -> list[dict[str, Any]]:
     """Runs one benchmark, returns the JSON objects it printed (one per line, or one document)."""
-    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+    print(f"\n== {name}: {shown(cmd)}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     sys.stderr.write(proc.stderr[-2000:])
@@ -67,7 +72,7 @@ def run(name: str, cmd: list[str], timeout: float) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
     seconds = time.perf_counter() - start
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"name": name, "command": " ".join(cmd), "machine": machine(),
+    record = {"name": name, "command": shown(cmd), "machine": machine(),
               "date": dt.date.today().isoformat(), "seconds": round(seconds, 1), "results": rows}  # fmt: skip
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{name}: {len(rows)} result(s) in {seconds:.0f}s", flush=True)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         model = ROOT / "runs" / "bench-model" / "model"
     if want("decode"):
         rows = run("decode", [py, "-m", "benchmarks.decode", "--model", str(model)], 1800)
-        parts.append(f"### Decoding the Bible test set ({model})\n\n" + table(
+        parts.append(f"### Decoding the Bible test set ({os.path.relpath(model, ROOT)})\n\n" + table(
             rows, ["search", "precision", "sentences_per_s", "tgt_tokens_per_s", "bleu", "chrf",
                    "peak_rss_mb"]))  # fmt: skip
     if want("serve"):

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.run_dir, ignore_errors=True)
     cfg = load_config(args.config, [f"train.max_minutes={args.minutes}",
                                     f"train.precision={args.precision}", "train.log_every=20",
+                                    "train.test_at_end=false",
                                     *args.overrides])  # fmt: skip
     result = train(cfg, args.run_dir, progress=False)
     speeds = [r["tokens_per_s"] for r in result.history if r.get("kind") == "train"][1:]

@@ -111,6 +111,7 @@ class TrainConfig:
     valid_every: int = 500  # steps
     valid_beam_size: int = 1  # 1 = greedy
     valid_max_sentences: int = 0  # 0: the whole dev set
+    test_at_end: bool = True  # score the corpus's test split once, for the model card only
     log_every: int = 50
     keep_checkpoints: int = 5
     early_stopping: int = 0  # stop after this many validations without improvement; 0 disables

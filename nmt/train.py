@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from nmt import checkpoint as ckpt
 from nmt.config import Config, ConfigError, TrainConfig, config_from_dict, load_config, save_config
-from nmt.corpus import split_files
+from nmt.corpus import CorpusError, split_files
 from nmt.data import Batch, EncodedCorpus, TokenBatchSampler
 from nmt.loss import label_smoothed_nll
 from nmt.metrics import corpus_scores
@@ -255,6 +255,34 @@ def validate(
 
 
 # -- the run -------------------------------------------------------------------------------------
+
+
+def record_test_scores(cfg: Config, model_dir: Path, device: torch.device, precision: str) -> None:
+    """Scores the best model on the corpus's test split (if it has one) for the model card.
+
+    Only reported, never used to choose anything: selection happens on the dev split.
+    """
+    try:
+        src_path, ref_path = resolve_split(cfg, "test")
+    except (ConfigError, CorpusError):
+        return
+    from nmt.translate import Translator, translate_corpus
+
+    translator = Translator.load(model_dir, device=str(device),
+                                 precision="bf16" if precision == "bf16" else "fp32")  # fmt: skip
+    src = src_path.read_text(encoding="utf-8").splitlines()
+    refs = ref_path.read_text(encoding="utf-8").splitlines()
+    hyps = [""] * len(src)
+    for i, result in translate_corpus(translator, src):
+        hyps[i] = result.text
+    scores = corpus_scores(hyps, [refs])
+    meta = json.loads((model_dir / ckpt.META_FILE).read_text(encoding="utf-8"))
+    meta["scores"].update({"test_bleu": scores.bleu, "test_chrf": scores.chrf,
+                           "test_beam_size": cfg.decode.beam_size, "test_data": str(src_path)})  # fmt: skip
+    ckpt.write_json_atomic(model_dir / ckpt.META_FILE, meta)
+    ckpt.write_text_atomic(model_dir / "README.md", model_card(cfg, meta))
+    logger.info("test split %s: BLEU %.2f (beam %d), chrF %.2f", src_path, scores.bleu,
+                cfg.decode.beam_size, scores.chrf)  # fmt: skip
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -557,6 +585,8 @@ def train(
         if not (run_dir / "model" / ckpt.MODEL_FILE).is_file():
             run_validation()
         plot_curves(log.read(), run_dir / "curves.png")
+        if tc.test_at_end and stopped != "already_complete":
+            record_test_scores(cfg, run_dir / "model", device, precision)
     log.close()
     return TrainResult(run_dir, loop.step, loop.epoch, loop.best_bleu, stopped, log.read())
 

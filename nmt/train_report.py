@@ -70,7 +70,10 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
         f"| Dev chrF | {scores.get('dev_chrf', float('nan')):.2f} |",
     ]
     if "test_bleu" in scores:
-        lines.append(f"| Test BLEU | {scores['test_bleu']:.2f} |")
+        lines.append(
+            f"| Test BLEU | {scores['test_bleu']:.2f} (beam {scores.get('test_beam_size')}, "
+            f"{scores.get('test_data')}), chrF {scores.get('test_chrf', float('nan')):.2f} |"
+        )
     lines += [
         f"| BLEU signature | `{scores.get('bleu_signature', '')}` |",
         f"| Training | {meta.get('step')} steps, epoch {meta.get('epoch')}, "

@@ -47,7 +47,9 @@ def test_tiny_run_learns_and_writes_a_loadable_model(toy_translation_dir: Path, 
     assert (run / "curves.png").stat().st_size > 1000
     assert any((run / "tensorboard").iterdir())
     card = (run / "model" / "README.md").read_text()
-    assert "src → tgt" in card and "BLEU signature" in card
+    assert "src → tgt" in card and "BLEU signature" in card and "Test BLEU" in card
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert 0.0 <= meta["scores"]["test_bleu"] <= 100.0
     translator = Translator.load(run / "model")
     out = translator.translate(["a b c"], beam_size=2)
     assert len(out) == 1 and isinstance(out[0].text, str)
