@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -735,7 +736,7 @@ def _accumulate(
     for i, idx in enumerate(micro):
         batch = data.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
         sync = i == len(micro) - 1 or info.world_size == 1
-        ctx = train_model.no_sync() if not sync else _null()  # type: ignore[operator]
+        ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
             with autocast(device, precision):
                 loss, nll, n_tok = forward_loss(train_model, batch, tc, tokenizer.pad_id, ss_prob)
@@ -744,12 +745,6 @@ def _accumulate(
         nll_total += float(nll.detach())
         tokens += n_tok
     return loss_total, nll_total, tokens
-
-
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _optimizer_step(
