@@ -232,9 +232,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
 
 
 def _read_lines(path: Path) -> list[str]:
+    """Lines with trailing whitespace removed, as sacrebleu reads them; bad UTF-8 names the line."""
     from nmt.corpus import read_lines
 
-    return list(read_lines(path))
+    return [line.rstrip() for line in read_lines(path)]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

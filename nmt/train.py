@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -25,7 +26,7 @@ from nmt.data import Batch, EncodedCorpus, TokenBatchSampler
 from nmt.loss import label_smoothed_nll
 from nmt.metrics import corpus_scores
 from nmt.model import Seq2Seq, build_model, count_parameters
-from nmt.search import greedy_search
+from nmt.search import beam_search, greedy_search
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card, plot_curves
 from nmt.translate import autocast, resolve_device
@@ -210,8 +211,6 @@ def validate(
             logits = inner(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
             loss, nll, n_tok = label_smoothed_nll(logits, batch.tgt_out, tokenizer.pad_id, 0.0)
             if tc.valid_beam_size > 1:
-                from nmt.search import beam_search
-
                 results = [
                     h[0]
                     for h in beam_search(
@@ -606,8 +605,8 @@ def _loop(
     info: DistInfo,
     loop: LoopState,
     log: MetricsLog,
-    save: Any,
-    run_validation: Any,
+    save: Callable[[str], None],
+    run_validation: Callable[[], bool],
     progress: bool,
 ) -> str:
     """Batch -> step -> log -> validate -> checkpoint, until a limit is reached. Returns why it stopped."""

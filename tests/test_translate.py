@@ -132,7 +132,7 @@ def test_word_alignment_merges_subwords_into_words():
 def test_evaluate_hyp_matches_the_sacrebleu_command_line(tmp_path: Path, capsys):
     hyp = tmp_path / "hyp.en"
     ref = tmp_path / "ref.en"
-    hyp.write_text("the cat sat on the mat\nin the beginning was the word\nhello world\n")
+    hyp.write_text("the cat sat on the mat \nin the beginning was the word\nhello world\t\n")
     ref.write_text("the cat sat on a mat\nin the beginning was the Word\nhello there world\n")
     assert (
         main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--json", "--bootstrap", "0"]) == 0
