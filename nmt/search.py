@@ -21,7 +21,7 @@ hypotheses only when they end.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -45,15 +45,18 @@ StateT = TypeVar("StateT", bound=Reorderable)
 
 
 class StepModel(Protocol[MemoryT, StateT]):
-    """What search needs from a model: encode once, then one decoder step at a time."""
+    """What search needs from a model: encode once, then one decoder step at a time, its
+    output vectors (N, H) projected to logits (N', V) on any block of rows."""
 
     def encode(
         self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, /
     ) -> tuple[MemoryT, StateT]: ...
 
-    def step(
+    def decode_step(
         self, prev_tokens: Tensor, state: StateT, memory: MemoryT, /
     ) -> tuple[Tensor, StateT, Tensor]: ...
+
+    def output_logits(self, out: Tensor, /) -> Tensor: ...
 
 
 @dataclass
@@ -156,6 +159,43 @@ def _mask_step(
         log_probs[:, eos_id] = torch.where(force_eos, eos_raw, log_probs[:, eos_id])
 
 
+# The output projection, log-softmax, masks and top-k run over blocks of this many rows: a block's
+# logits stay in cache from the matmul to the top-k, and no step allocates an (N, V) tensor.
+# Fresh allocations that large cost page faults at every step; over the Bible test set, beam 5
+# decodes faster block-wise than over whole (N, V) matrices (BENCHMARKS.md, "Decoding").
+PROJECTION_ROWS = 128
+
+
+def _log_prob_blocks(
+    model: StepModel[MemoryT, StateT],
+    out: Tensor,
+    history: Tensor,
+    t: int,
+    force_eos: Tensor | None,
+    *,
+    eos_id: int,
+    min_len: int,
+    no_repeat_ngram: int,
+) -> Iterator[Tensor]:
+    """Masked fp32 next-token log-probabilities (R, V) for consecutive blocks of out (N, H).
+
+    history (N, t) and force_eos (N,) are sliced along with the rows (see `_mask_step`).
+    """
+    for start in range(0, out.size(0), PROJECTION_ROWS):
+        rows = slice(start, start + PROJECTION_ROWS)
+        log_probs = model.output_logits(out[rows]).log_softmax(dim=-1, dtype=torch.float32)
+        _mask_step(
+            log_probs,
+            history[rows],
+            t,
+            None if force_eos is None else force_eos[rows],
+            eos_id=eos_id,
+            min_len=min_len,
+            no_repeat_ngram=no_repeat_ngram,
+        )
+        yield log_probs
+
+
 # Sentences that are done stay in the batch, their rows computed and ignored, until this share
 # of the rows is done: dropping rows copies the encoder memory of all the rows that stay, which
 # costs more than a few idle rows do.
@@ -178,7 +218,8 @@ def _trim_attention(attn: Tensor, src_len: int) -> Tensor:
 
 class _OneEach:
     """Greedy search or sampling: one token per sentence per step, picked by
-    `choose(log_probs (N, V)) -> tokens (N,)`. Tensors cover the N sentences still in the batch."""
+    `choose(log_probs (R, V)) -> tokens (R,)` on blocks of rows. Tensors cover the N sentences
+    still in the batch."""
 
     def __init__(
         self,
@@ -235,8 +276,8 @@ class _OneEach:
 
         t, n_idle, soonest_limit = 0, 0, min(limits)
         while True:
-            logits, state, attn = model.step(tokens, state, memory)  # (N, V), (N, S)
-            tokens = self._advance(logits, attn.float(), t, soonest_limit)
+            out, state, attn = model.decode_step(tokens, state, memory)  # (N, H), (N, S)
+            tokens = self._advance(model, out, attn.float(), t, soonest_limit)
             ended = (tokens == self.eos_id) & ~self.idle  # (N,); forced rows can only pick EOS
             if ended.any():
                 rows = ended.nonzero().squeeze(1)
@@ -262,20 +303,27 @@ class _OneEach:
         assert all(r is not None for r in self.results)
         return [r for r in self.results if r is not None]
 
-    def _advance(self, logits: Tensor, attn: Tensor, t: int, soonest_limit: int) -> Tensor:
-        """Pick the next tokens (N,) from logits (N, V); attn (N, S) is this step's attention."""
-        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (N, V)
-        _mask_step(
-            log_probs,
+    def _advance(
+        self, model: StepModel[MemoryT, StateT], out: Tensor, attn: Tensor, t: int, limit: int
+    ) -> Tensor:
+        """Pick the next tokens (N,) from the output vectors out (N, H); attn (N, S) is this
+        step's attention; limit is the soonest maximum length of a sentence still going."""
+        picked, picked_log_probs = [], []
+        for log_probs in _log_prob_blocks(
+            model,
+            out,
             self.history,
             t,
-            (self.limit_t <= t) if t >= soonest_limit else None,
+            (self.limit_t <= t) if t >= limit else None,
             eos_id=self.eos_id,
             min_len=self.min_len,
             no_repeat_ngram=self.no_repeat_ngram,
-        )
-        tokens = self.choose(log_probs)  # (N,)
-        self.log_prob_sum += log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        ):
+            tokens = self.choose(log_probs)  # (R,)
+            picked.append(tokens)
+            picked_log_probs.append(log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
+        tokens = torch.cat(picked)  # (N,)
+        self.log_prob_sum += torch.cat(picked_log_probs)
         self.history = torch.cat([self.history, tokens.unsqueeze(1)], dim=1)
         if self.coverage is not None:
             self.coverage += attn
@@ -400,7 +448,7 @@ def sample(
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
-    def choose(log_probs: Tensor) -> Tensor:  # (N, V) -> (N,)
+    def choose(log_probs: Tensor) -> Tensor:  # (R, V) -> (R,)
         if temperature == 0.0:
             return log_probs.argmax(dim=-1)
         if top_k > 0:
@@ -533,11 +581,11 @@ class _BeamSearch:
         memory, state = model.encode(src, src_lengths, src_mask)
         # the first step is the same for every beam: take it once per sentence, then copy
         bos = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
-        logits, state, attn = model.step(bos, state, memory)  # (B, V), (B, S)
+        out, state, attn = model.decode_step(bos, state, memory)  # (B, H), (B, S)
         per_beam = torch.arange(batch_size, device=device).repeat_interleave(k)  # (B*K,)
         memory = memory.index_select(per_beam)
         state = state.index_select(per_beam)
-        logits, attn = logits.index_select(0, per_beam), attn.index_select(0, per_beam)
+        out, attn = out.index_select(0, per_beam), attn.index_select(0, per_beam)
 
         # per live sentence (n,)
         self.active_ids = list(range(batch_size))
@@ -568,7 +616,7 @@ class _BeamSearch:
         soonest_limit = min(limits)
         n_idle = 0
         while True:
-            prev, reorder = self._advance(logits, attn.float(), t, soonest_limit)
+            prev, reorder = self._advance(model, out, attn.float(), t, soonest_limit)
             state = state.index_select(reorder)
             done = self._done(t) | self.idle  # (n,)
             n_done = int(done.sum())
@@ -592,40 +640,42 @@ class _BeamSearch:
                     if not idle
                 )
             t += 1
-            logits, state, attn = model.step(prev, state, memory)  # (N, V), (N, S)
+            out, state, attn = model.decode_step(prev, state, memory)  # (N, H), (N, S)
 
         return [self._best(i) for i in range(batch_size)]
 
     def _advance(
-        self, logits: Tensor, attn: Tensor, t: int, soonest_limit: int
+        self, model: StepModel[MemoryT, StateT], out: Tensor, attn: Tensor, t: int, limit: int
     ) -> tuple[Tensor, Tensor]:
         """One step: score K * V candidates per sentence, set aside the ones that end,
-        keep the K best that go on. logits (N, V), attn (N, S).
+        keep the K best that go on. out (N, H) output vectors, attn (N, S); limit is the
+        soonest maximum length of a sentence still going.
 
         Returns the next input tokens (N,) and the rows (N,) to reorder the state by."""
         k = self.k
         n = self.scores.size(0)
-        log_probs = logits.log_softmax(dim=-1, dtype=torch.float32)  # (N, V)
-        vocab = log_probs.size(1)
-        force = None
-        if t >= soonest_limit:
-            force = (self.limit_t <= t).repeat_interleave(k)  # (N,)
-        _mask_step(
-            log_probs,
-            self.history,
-            t,
-            force,
-            eos_id=self.eos_id,
-            min_len=self.min_len,
-            no_repeat_ngram=self.no_repeat_ngram,
-        )
+        force = (self.limit_t <= t).repeat_interleave(k) if t >= limit else None  # (N,)
         coverage = self.coverage + attn if self.coverage is not None else None  # (N, S)
 
         # Only a beam's K + 1 best tokens can matter: K of them that go on beat any other
         # token of that beam, and the K + 1 best hold at most one EOS. So take those per row,
         # then the best 2K of the K * (K + 1) per sentence: 2K always hold K that go on.
-        per_row = min(k + 1, vocab)
-        row_scores, row_tokens = log_probs.topk(per_row, dim=1)  # (N, K+1)
+        best = [
+            log_probs.topk(min(k + 1, log_probs.size(1)), dim=1)
+            for log_probs in _log_prob_blocks(
+                model,
+                out,
+                self.history,
+                t,
+                force,
+                eos_id=self.eos_id,
+                min_len=self.min_len,
+                no_repeat_ngram=self.no_repeat_ngram,
+            )
+        ]
+        row_scores = torch.cat([b.values for b in best])  # (N, K+1)
+        row_tokens = torch.cat([b.indices for b in best])  # (N, K+1)
+        per_row = row_scores.size(1)
         cand = (self.scores.view(-1, 1) + row_scores).view(n, k * per_row)  # (n, K*(K+1))
         cand_scores, cand_idx = cand.topk(min(2 * k, k * per_row), dim=1)  # (n, 2K), best first
         cand_beams = cand_idx.div(per_row, rounding_mode="floor")

@@ -78,7 +78,11 @@ class TableModel:
         key = src[:, 0] % self.table.size(0)
         return TableMemory(key, src_mask), TableState(torch.zeros_like(key))
 
-    def step(
+    def output_logits(self, out: Tensor) -> Tensor:
+        """The table rows are the logits already: the projection is the identity."""
+        return out
+
+    def decode_step(
         self, prev_tokens: Tensor, state: TableState, memory: TableMemory
     ) -> tuple[Tensor, TableState, Tensor]:
         self.batch_sizes.append(prev_tokens.size(0))

@@ -112,6 +112,17 @@ class Seq2Seq(nn.Module):
         """Teacher forcing on the fastest correct path. Returns logits (B, T, V)."""
         return self.forward_with_attention(src, src_lengths, src_mask, tgt_in)[0]
 
+    def decode_step(
+        self, prev_tokens: Tensor, state: DecoderState, memory: EncoderMemory
+    ) -> tuple[Tensor, DecoderState, Tensor]:
+        """One decoding step up to, not including, the output projection. prev_tokens: (B,).
+
+        Returns the output vectors (B, H) for `output_logits`, the new state and attention
+        weights (B, S). Search projects the vectors block by block (see `nmt.search`).
+        """
+        emb = self.embed_dropout(self.target_embedding(prev_tokens))  # (B, E)
+        return self.decoder.step(emb, state, memory)
+
     def step(
         self, prev_tokens: Tensor, state: DecoderState, memory: EncoderMemory
     ) -> tuple[Tensor, DecoderState, Tensor]:
@@ -119,8 +130,7 @@ class Seq2Seq(nn.Module):
 
         Returns logits (B, V), the new state and attention weights (B, S).
         """
-        emb = self.embed_dropout(self.target_embedding(prev_tokens))  # (B, E)
-        out, state, attn = self.decoder.step(emb, state, memory)
+        out, state, attn = self.decode_step(prev_tokens, state, memory)
         return self.output_logits(out), state, attn
 
 
