@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -85,8 +86,14 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Loads safetensors weights into `model`; a shape or name mismatch names the tensor."""
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    inner = _unwrap(model)
     try:
-        missing, unexpected = load_model(_unwrap(model), str(path), strict=False)
+        prepare = getattr(inner, "prepare_output_vocab", None)
+        if prepare is not None:  # the output vocabulary's size is the file's, not the config's
+            with safe_open(str(path), framework="pt") as f:
+                stored = f.get_slice("output_ids").get_shape() if "output_ids" in f.keys() else None
+            prepare(stored[0] if stored else None)
+        missing, unexpected = load_model(inner, str(path), strict=False)
     except Exception as err:  # safetensors raises several types for corrupt files
         raise CheckpointError(f"cannot load weights from {path}: {err}") from err
     if unexpected or missing:
@@ -222,6 +229,8 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
             if name in total:
                 if total[name].is_floating_point():
                     total[name] += t
+                elif not torch.equal(total[name], t):  # e.g. the output vocabulary
+                    raise CheckpointError(f"{file}: {name} differs from {paths[0]}'s")
             else:
                 total[name] = t.clone()
     return {

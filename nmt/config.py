@@ -79,6 +79,9 @@ class ModelConfig:
     share_embeddings: bool = True  # one source/target embedding; needs a joint vocabulary
     tie_output: bool = True  # output projection shares the target embedding matrix
     embed_dropout: float = 0.1
+    # target: the softmax covers only the tokens seen on the target side of the training data
+    # (a joint vocabulary holds many source-only pieces); full: every token of the vocabulary
+    output_vocab: Literal["target", "full"] = "target"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)

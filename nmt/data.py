@@ -302,6 +302,11 @@ class EncodedCorpus:
             pad_id, bos_id, eos_id, pad_to_multiple,
         )  # fmt: skip
 
+    def target_token_ids(self) -> np.ndarray:
+        """The distinct token ids on the target side, ascending."""
+        tgt = self.dataset.data.column("tgt").combine_chunks().flatten()
+        return np.unique(tgt.to_numpy(zero_copy_only=False)).astype(np.int64)
+
     def length_ratio(self, coverage: float = 0.999, b: float = 5.0) -> tuple[float, float]:
         """(a, b) such that a * |src| + b covers `coverage` of the target lengths (a rounded up)."""
         ratio = (self.tgt_lengths - b) / np.maximum(self.src_lengths, 1)

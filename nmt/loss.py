@@ -41,7 +41,11 @@ class _SmoothedNLL(torch.autograd.Function):
 
 
 def label_smoothed_nll(
-    logits: Tensor, target: Tensor, pad_id: int, smoothing: float = 0.0
+    logits: Tensor,
+    target: Tensor,
+    pad_id: int,
+    smoothing: float = 0.0,
+    column_of: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Label-smoothed cross-entropy summed over non-padding target positions.
 
@@ -53,6 +57,8 @@ def label_smoothed_nll(
         target: (B, T) long, tgt_out (y + EOS), `pad_id` on padding.
         pad_id: positions holding it contribute nothing.
         smoothing: in [0, 1).
+        column_of: (V_all,) long, the logit column of each token id when the logits cover
+            only part of the vocabulary (`Seq2Seq.column_of`); None when columns are ids.
     Returns:
         loss_sum (0-dim fp32, differentiable), nll_sum (0-dim fp32, the unsmoothed negative
         log-likelihood, detached) and n_tokens (0-dim long, the non-padding positions).
@@ -63,5 +69,7 @@ def label_smoothed_nll(
     flat_logits = logits.reshape(-1, logits.size(-1))  # (N, V)
     flat_target = target.reshape(-1)  # (N,)
     keep = flat_target != pad_id
+    if column_of is not None:
+        flat_target = column_of[flat_target]
     loss, nll = _SmoothedNLL.apply(flat_logits, flat_target, keep, smoothing)
     return loss.sum(), nll.sum().detach(), keep.sum()

@@ -196,6 +196,32 @@ def _log_prob_blocks(
         yield log_probs
 
 
+class _Columns:
+    """Logit columns and token ids. A model may score only part of the vocabulary (its
+    `output_ids`, the token id of each logit column, e.g. the tokens of the target side of the
+    training data); search then runs in column space and turns columns into token ids for the
+    next step's input and for the hypotheses it returns."""
+
+    def __init__(self, model: object, eos_id: int) -> None:
+        ids = getattr(model, "output_ids", None)
+        self.ids: Tensor | None = ids
+        self.id_list: list[int] | None = None
+        self.eos = eos_id
+        if ids is not None:
+            hits = (ids == eos_id).nonzero()
+            if hits.numel() != 1:
+                raise ValueError(f"EOS (id {eos_id}) is not one of the model's output tokens")
+            self.eos = int(hits[0, 0])
+            self.id_list = ids.tolist()
+
+    def to_ids(self, cols: Tensor) -> Tensor:
+        """Token ids of columns cols (any shape)."""
+        return cols if self.ids is None else self.ids[cols]
+
+    def to_id_list(self, cols: list[int]) -> list[int]:
+        return cols if self.id_list is None else [self.id_list[c] for c in cols]
+
+
 # Sentences that are done stay in the batch, their rows computed and ignored, until this share
 # of the rows is done: dropping rows copies the encoder memory of all the rows that stay, which
 # costs more than a few idle rows do.
@@ -260,6 +286,7 @@ class _OneEach:
         self.results: list[Hypothesis | None] = [None] * batch_size
 
         memory, state = model.encode(src, src_lengths, src_mask)
+        self.cols = _Columns(model, self.eos_id)
         self.active_ids = list(range(batch_size))
         self.active = torch.arange(batch_size, device=device)  # (N,) sentence ids
         self.limit_t = torch.tensor(limits, device=device)  # (N,)
@@ -272,13 +299,14 @@ class _OneEach:
             if self.return_attention
             else None
         )  # (N, t, S)
-        tokens = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
+        prev = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
 
         t, n_idle, soonest_limit = 0, 0, min(limits)
         while True:
-            out, state, attn = model.decode_step(tokens, state, memory)  # (N, H), (N, S)
-            tokens = self._advance(model, out, attn.float(), t, soonest_limit)
-            ended = (tokens == self.eos_id) & ~self.idle  # (N,); forced rows can only pick EOS
+            out, state, attn = model.decode_step(prev, state, memory)  # (N, H), (N, S)
+            tokens = self._advance(model, out, attn.float(), t, soonest_limit)  # columns
+            prev = self.cols.to_ids(tokens)
+            ended = (tokens == self.cols.eos) & ~self.idle  # (N,); forced rows can only pick EOS
             if ended.any():
                 rows = ended.nonzero().squeeze(1)
                 self._finalise(rows, t)
@@ -290,7 +318,7 @@ class _OneEach:
                     keep = (~self.idle).nonzero().squeeze(1)  # (N',)
                     memory = memory.index_select(keep)
                     state = state.index_select(keep)
-                    tokens = tokens.index_select(0, keep)
+                    prev = prev.index_select(0, keep)
                     self._shrink(keep)
                     n_idle = 0
                 soonest_limit = min(
@@ -315,7 +343,7 @@ class _OneEach:
             self.history,
             t,
             (self.limit_t <= t) if t >= limit else None,
-            eos_id=self.eos_id,
+            eos_id=self.cols.eos,
             min_len=self.min_len,
             no_repeat_ngram=self.no_repeat_ngram,
         ):
@@ -351,7 +379,7 @@ class _OneEach:
             if self.attn_history is not None:
                 attention = _trim_attention(self.attn_history[row], self.src_lens[sid])
             self.results[sid] = Hypothesis(
-                tokens=toks,
+                tokens=self.cols.to_id_list(toks),
                 score=total / lp + pen,
                 log_prob=total,
                 attention=attention,
@@ -501,9 +529,10 @@ def beam_search(
 
     Live beams are ranked by log-probability (they all have the same length). A hypothesis that
     ends is scored log_prob / lp(|Y|) + cp (GNMT, Wu et al., 2016, eq. 14) and kept aside. A
-    sentence is done when beam_size hypotheses have ended, when no live beam can still beat its
-    n_best-th ended one (bounded with the largest length penalty it could reach and a coverage
-    penalty of 0), or at its maximum length, where EOS is forced.
+    sentence is done when no live beam can still beat its n_best-th ended one (bounded with the
+    largest length penalty it could reach and a coverage penalty of 0); once beam_size have
+    ended, also when the best live beam would not beat it even if it ended at the next step
+    (the same bound when length_penalty is 0); or at its maximum length, where EOS is forced.
 
     Args:
         src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
@@ -579,6 +608,7 @@ class _BeamSearch:
         self.ended: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
 
         memory, state = model.encode(src, src_lengths, src_mask)
+        self.cols = _Columns(model, self.eos_id)
         # the first step is the same for every beam: take it once per sentence, then copy
         bos = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
         out, state, attn = model.decode_step(bos, state, memory)  # (B, H), (B, S)
@@ -640,7 +670,7 @@ class _BeamSearch:
                     if not idle
                 )
             t += 1
-            out, state, attn = model.decode_step(prev, state, memory)  # (N, H), (N, S)
+            out, state, attn = model.decode_step(self.cols.to_ids(prev), state, memory)
 
         return [self._best(i) for i in range(batch_size)]
 
@@ -668,7 +698,7 @@ class _BeamSearch:
                 self.history,
                 t,
                 force,
-                eos_id=self.eos_id,
+                eos_id=self.cols.eos,
                 min_len=self.min_len,
                 no_repeat_ngram=self.no_repeat_ngram,
             )
@@ -680,7 +710,7 @@ class _BeamSearch:
         cand_scores, cand_idx = cand.topk(min(2 * k, k * per_row), dim=1)  # (n, 2K), best first
         cand_beams = cand_idx.div(per_row, rounding_mode="floor")
         cand_tokens = row_tokens.view(n, k * per_row).gather(1, cand_idx)
-        is_eos = cand_tokens == self.eos_id  # (n, 2K)
+        is_eos = cand_tokens == self.cols.eos  # (n, 2K)
 
         # an EOS among the K best ends a hypothesis (Wu et al., 2016; as in fairseq)
         ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF) & ~self.idle.unsqueeze(1)  # (n, K)
@@ -744,7 +774,7 @@ class _BeamSearch:
                 attention = _trim_attention(attn_history[row], self.src_lens[sid])
             self.ended[sid].append(
                 Hypothesis(
-                    tokens=toks,
+                    tokens=self.cols.to_id_list(toks),
                     score=total / lp + pen,
                     log_prob=total,
                     attention=attention,
@@ -764,12 +794,16 @@ class _BeamSearch:
         self.nbest_floor[where] = torch.tensor(floors, device=where.device)
 
     def _done(self, t: int) -> Tensor:
-        """(n,) bool: sentences that cannot improve their n-best list any more after step t."""
+        """(n,) bool: sentences whose n-best list is final after step t."""
         # live beams now hold t + 1 tokens; their |Y| will lie in [t + 2, limit + 1]; log-probs
         # only fall, a coverage penalty is <= 0, so this bounds any score they can still reach
-        lp_max = self.lp_at_limit.clamp(min=length_penalty_factor(t + 2, self.alpha))
-        bound = self.scores[:, 0] / lp_max  # (n,)
-        return (self.n_ended >= self.k) | (bound <= self.nbest_floor) | (self.limit_t <= t)
+        lp_next = length_penalty_factor(t + 2, self.alpha)
+        best_live = self.scores[:, 0]  # (n,)
+        beaten = best_live / self.lp_at_limit.clamp(min=lp_next) <= self.nbest_floor
+        # once K have ended, also stop when the best live beam would not beat the n-best-th even
+        # if it ended next step; with alpha = 0 this is the exact bound above
+        heuristic = (self.n_ended >= self.k) & (best_live / lp_next <= self.nbest_floor)
+        return beaten | heuristic | (self.limit_t <= t)
 
     def _shrink(self, keep: Tensor, rows: Tensor) -> None:
         """Drop finished sentences: keep (n',) sentence positions, rows (n' * K,) beam rows."""

@@ -146,6 +146,16 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_files: tuple[Path, Path]
         return Tokenizer.train(train_files[0], train_files[1], tok_dir, cfg.tokenizer)
 
 
+def output_vocab(train_data: EncodedCorpus, tokenizer: Tokenizer) -> Tensor:
+    """The tokens a model's softmax covers with `model.output_vocab: target`: those seen on the
+    target side of the training data, plus UNK and EOS."""
+    ids = train_data.target_token_ids().tolist()
+    vocab = torch.tensor(sorted({*ids, tokenizer.unk_id, tokenizer.eos_id}), dtype=torch.long)
+    logger.info("output vocabulary: %d of %d tokens (those seen on the target side)",
+                vocab.numel(), tokenizer.tgt_vocab_size)  # fmt: skip
+    return vocab
+
+
 # -- the step ------------------------------------------------------------------------------------
 
 
@@ -161,7 +171,7 @@ def scheduled_sampling_logits(
         steps.append(logits)
         if t + 1 < batch.tgt_in.size(1):
             gold = batch.tgt_in[:, t + 1]
-            guess = logits.detach().argmax(-1)
+            guess = model.token_ids(logits.detach().argmax(-1))
             use_guess = torch.rand(gold.shape, generator=generator, device=gold.device) < prob
             prev = torch.where(use_guess & (gold != 0), guess, gold)
     return torch.stack(steps, dim=1)  # (B, T, V)
@@ -171,12 +181,14 @@ def forward_loss(
     model: nn.Module, batch: Batch, cfg: TrainConfig, pad_id: int, ss_prob: float
 ) -> tuple[Tensor, Tensor, int]:
     """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch."""
+    inner = cast(Seq2Seq, getattr(model, "module", model))
     if ss_prob > 0:
-        inner = cast(Seq2Seq, getattr(model, "module", model))
         logits = scheduled_sampling_logits(inner, batch, ss_prob)
     else:
         logits = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
-    loss, nll, n_tokens = label_smoothed_nll(logits, batch.tgt_out, pad_id, cfg.label_smoothing)
+    loss, nll, n_tokens = label_smoothed_nll(
+        logits, batch.tgt_out, pad_id, cfg.label_smoothing, inner.column_of
+    )
     return loss, nll, int(n_tokens)
 
 
@@ -209,7 +221,9 @@ def validate(
         batch = dev.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
         with autocast(device, precision):
             logits = inner(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
-            loss, nll, n_tok = label_smoothed_nll(logits, batch.tgt_out, tokenizer.pad_id, 0.0)
+            loss, nll, n_tok = label_smoothed_nll(
+                logits, batch.tgt_out, tokenizer.pad_id, 0.0, inner.column_of
+            )
             if tc.valid_beam_size > 1:
                 results = [
                     h[0]
@@ -497,6 +511,8 @@ def train(
 
     model = build_model(cfg.model, tokenizer.src_vocab_size, tokenizer.tgt_vocab_size,
                         tokenizer.pad_id).to(device)  # fmt: skip
+    if cfg.model.output_vocab == "target":
+        model.set_output_vocab(output_vocab(train_data, tokenizer), tokenizer.unk_id)
     params = count_parameters(model)
     optimizer = make_optimizer(model, tc)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))

@@ -207,7 +207,7 @@ class Translator:
             shown = ""
             for _ in range(max_len):
                 logits, state, _ = model.step(prev, state, memory)
-                token = int(logits.float().argmax(-1))
+                token = int(model.token_ids(logits.float().argmax(-1)))
                 if token == self.tokenizer.eos_id:
                     break
                 tokens.append(token)

@@ -202,14 +202,23 @@ def test_length_penalty_by_hand() -> None:
 
 def test_coverage_penalty_by_hand() -> None:
     # uniform attention over 2 source words: [] attends 0.5 to each (penalty 2 * log 0.5),
-    # [a] attends 1.0 to each after two steps (penalty 0)
+    # [a] attends 1.0 to each after two steps and [a b] 1.5 (penalty 0). Without the penalty
+    # [] (0.4) would come first; with it, [] (log 0.4 + 2 log 0.5 = -2.30) falls behind
+    # [a] (log 0.33) and [a b] (log 0.12 = -2.12), which the search goes on to find
     model = TableModel(scripted_table(SHORT_OR_LONG, 3))
     (nbest,) = run_beam(
         model, [A, B], beam_size=2, n_best=2, length_penalty=0.0, coverage_penalty=1.0
     )
-    assert [h.tokens for h in nbest] == [[A], []]
+    assert [h.tokens for h in nbest] == [[A], [A, B]]
     assert nbest[0].score == pytest.approx(math.log(0.33), abs=1e-5)
-    assert nbest[1].score == pytest.approx(math.log(0.4) + 2 * math.log(0.5), abs=1e-5)
+    assert nbest[1].score == pytest.approx(math.log(0.12), abs=1e-5)
+    (plain,) = run_beam(model, [A, B], beam_size=2, n_best=2, length_penalty=0.0)
+    assert [h.tokens for h in plain] == [[], [A]]
+    (with_empty,) = run_beam(
+        model, [A, B], beam_size=3, n_best=3, length_penalty=0.0, coverage_penalty=1.0
+    )
+    assert with_empty[2].tokens == []
+    assert with_empty[2].score == pytest.approx(math.log(0.4) + 2 * math.log(0.5), abs=1e-5)
     # greedy takes [a]: two steps over three source words leave 2/3 on each
     (greedy,) = run_greedy(model, [A, B, C], coverage_penalty=0.5)
     assert greedy.tokens == [A]
@@ -235,8 +244,7 @@ def test_beam_of_one_matches_greedy() -> None:
 
 def test_wide_beam_never_scores_below_greedy() -> None:
     # up to 4 words from 3: 27 live prefixes x 4 tokens = 108 candidates at most, so 128 beams
-    # prune nothing. (A narrower beam can lose to greedy: it stops once K hypotheses have
-    # ended, as fairseq does, and greedy's path may end later with a higher probability.)
+    # prune nothing. (A narrower beam can lose to greedy: greedy's path may fall out of it.)
     sentences = [[A], [B], [C], [A, B]]
     for seed in range(10):
         model = TableModel(random_table(seed, keys=3, steps=4))

@@ -60,7 +60,59 @@ class Seq2Seq(nn.Module):
         )
         self.out_weight = None if tie_output else nn.Parameter(torch.empty(tgt_vocab_size, out_dim))
         self.out_bias = nn.Parameter(torch.zeros(tgt_vocab_size))
+        # the token id of each logit column when the softmax covers part of the vocabulary
+        # (set_output_vocab); column_of maps token ids back to columns. Both are saved.
+        self.output_ids: Tensor | None
+        self.column_of: Tensor | None
+        self.register_buffer("output_ids", None)
+        self.register_buffer("column_of", None)
+        self._output_cache: tuple[tuple[object, ...], Tensor, Tensor] | None = None
         self._init_embeddings(embed_dim)
+
+    def set_output_vocab(self, token_ids: Tensor | None, unk_id: int) -> None:
+        """Restricts the softmax to `token_ids` (one logit column each, in ascending id order),
+        or lifts the restriction (None). Target tokens outside the set are scored as UNK.
+
+        The parameters keep their full-vocabulary shapes: the output rows of the other tokens
+        are simply not used, so checkpoints and averaging work the same either way; the set
+        itself is saved with the weights (`output_ids`).
+        """
+        self._output_cache = None
+        if token_ids is None:
+            self.output_ids = self.column_of = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique().cpu()
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.tgt_vocab_size:
+            raise ValueError(
+                f"output vocabulary ids must lie in [0, {self.tgt_vocab_size}), got "
+                f"{ids.numel()} ids" + (f" from {int(ids[0])} to {int(ids[-1])}" if len(ids) else "")
+            )
+        if not bool((ids == unk_id).any()):
+            raise ValueError(f"the output vocabulary must contain UNK (id {unk_id})")
+        column_of = torch.full((self.tgt_vocab_size,), int((ids == unk_id).nonzero()[0, 0]))
+        column_of[ids] = torch.arange(ids.numel())
+        device = self.out_bias.device
+        self.output_ids, self.column_of = ids.to(device), column_of.to(device)
+
+    def prepare_output_vocab(self, size: int | None) -> None:
+        """Placeholders for an output vocabulary of `size` tokens (None: the full vocabulary),
+        for a weights file to be loaded into."""
+        self._output_cache = None
+        if size is None:
+            self.output_ids = self.column_of = None
+            return
+        device = self.out_bias.device
+        self.output_ids = torch.zeros(size, dtype=torch.long, device=device)
+        self.column_of = torch.zeros(self.tgt_vocab_size, dtype=torch.long, device=device)
+
+    @property
+    def num_outputs(self) -> int:
+        """Logit columns: the output vocabulary's size, or the whole target vocabulary's."""
+        return self.tgt_vocab_size if self.output_ids is None else self.output_ids.numel()
+
+    def token_ids(self, columns: Tensor) -> Tensor:
+        """Token ids of logit columns (any shape)."""
+        return columns if self.output_ids is None else self.output_ids[columns]
 
     def _init_embeddings(self, embed_dim: int) -> None:
         # N(0, 1/E) keeps tied logits near unit scale at the start
@@ -77,11 +129,33 @@ class Seq2Seq(nn.Module):
         return self.src_embed if self.tgt_embed is None else self.tgt_embed
 
     def output_logits(self, out: Tensor) -> Tensor:
-        """Output projection over any leading shape: out (..., H) -> logits (..., V)."""
+        """Output projection over any leading shape: out (..., H) -> logits (..., V), with V
+        = `num_outputs` columns (see `set_output_vocab`)."""
         if self.out_proj is not None:
             out = self.out_proj(out)
+        weight, bias = self._output_weights()
+        return F.linear(out, weight, bias)
+
+    def _output_weights(self) -> tuple[Tensor, Tensor]:
+        """The output matrix and bias, restricted to the output vocabulary's rows.
+
+        Without gradients (decoding) the restricted rows are gathered, and cast to the autocast
+        dtype, once and kept until the weights change, rather than at every step."""
         weight = self.target_embedding.weight if self.out_weight is None else self.out_weight
-        return F.linear(out, weight, self.out_bias)
+        ids = self.output_ids
+        if ids is None:
+            return weight, self.out_bias
+        if torch.is_grad_enabled():
+            return weight.index_select(0, ids), self.out_bias.index_select(0, ids)
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        key = (weight.data_ptr(), weight._version, self.out_bias._version, ids.data_ptr(), dtype)
+        if self._output_cache is None or self._output_cache[0] != key:
+            rows, bias = weight.index_select(0, ids), self.out_bias.index_select(0, ids)
+            if dtype is not None:
+                rows, bias = rows.to(dtype), bias.to(dtype)
+            self._output_cache = (key, rows, bias)
+        return self._output_cache[1], self._output_cache[2]
 
     def encode(
         self, src: Tensor, src_lengths: Tensor, src_mask: Tensor
@@ -128,7 +202,8 @@ class Seq2Seq(nn.Module):
     ) -> tuple[Tensor, DecoderState, Tensor]:
         """One decoding step. prev_tokens: (B,) long.
 
-        Returns logits (B, V), the new state and attention weights (B, S).
+        Returns logits (B, V) (V = `num_outputs` columns), the new state and attention
+        weights (B, S).
         """
         out, state, attn = self.decode_step(prev_tokens, state, memory)
         return self.output_logits(out), state, attn
