@@ -91,7 +91,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
         prepare = getattr(inner, "prepare_output_vocab", None)
         if prepare is not None:  # the output vocabulary's size is the file's, not the config's
             with safe_open(str(path), framework="pt") as f:
-                stored = f.get_slice("output_ids").get_shape() if "output_ids" in f.keys() else None
+                names = set(f.keys())
+                stored = f.get_slice("output_ids").get_shape() if "output_ids" in names else None
             prepare(stored[0] if stored else None)
         missing, unexpected = load_model(inner, str(path), strict=False)
     except Exception as err:  # safetensors raises several types for corrupt files

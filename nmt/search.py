@@ -1,8 +1,10 @@
 """Greedy, beam and sampling search over a step-wise decoder, batched over sentences.
 
-The search sees the model through three calls only: ``encode``, ``step`` and ``index_select`` on
-the memory and state it gets back (see ``StepModel``). It works on log-probabilities, lengths and
-EOS, never on text.
+The search sees the model through a few calls only: ``encode``, ``decode_step``,
+``output_logits``, and ``index_select`` on the memory and state it gets back (see ``StepModel``).
+It works on log-probabilities, lengths and EOS, never on text. A model whose softmax covers part
+of the vocabulary (``output_ids``) is searched over its logit columns, and the hypotheses come
+back as token ids.
 
 Lengths: a sentence may produce at most ``max_len = floor(a * |source| + b)`` tokens (EOS not
 counted). A hypothesis still open after ``max_len`` tokens gets EOS forced, keeps its tokens and
@@ -10,12 +12,13 @@ comes back with ``finished=False``; nothing is truncated silently or dropped. ``
 penalty counts EOS, so a hypothesis of ``n`` tokens has ``|Y| = n + 1``.
 
 Batching: all sentences decode together; beam search flattens (sentences x beams) into one batch
-dimension N = B * K and takes the first step, the same for every beam, once per sentence. A
-sentence that is done leaves the batch, so later steps compute less; since dropping rows copies
-the encoder memory of every row that stays, done sentences wait, idle, until a share
-(`SHRINK_FRACTION`) of the batch is done. Per step, the work outside the model is one
-log-softmax and one top-k over (N, V) and a handful of small tensor ops; Python touches single
-hypotheses only when they end.
+dimension N = B * K of decoder states, keeps the encoder memory one row per sentence (the K beam
+rows of a sentence read the same row) and takes the first step, the same for every beam, once
+per sentence. A sentence that is done leaves the batch, so later steps compute less: in beam
+search at once; in greedy search, where dropping rows copies a larger share of the work, once
+a share (`SHRINK_FRACTION`) of the batch is done. Per step, the work outside the model is one
+log-softmax and one top-k over (N, V), block by block (`PROJECTION_ROWS`), and a handful of small
+tensor ops; Python touches single hypotheses only when they end.
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ StateT = TypeVar("StateT", bound=Reorderable)
 
 class StepModel(Protocol[MemoryT, StateT]):
     """What search needs from a model: encode once, then one decoder step at a time, its
-    output vectors (N, H) projected to logits (N', V) on any block of rows."""
+    output vectors (N, H) projected to logits (N', V) on any block of rows.
+
+    `decode_step` gets G >= 1 rows of state per memory row, the G rows of a memory row next to
+    each other (the beams of a sentence in beam search; G = 1 in greedy search)."""
 
     def encode(
         self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, /
@@ -222,9 +228,9 @@ class _Columns:
         return cols if self.id_list is None else [self.id_list[c] for c in cols]
 
 
-# Sentences that are done stay in the batch, their rows computed and ignored, until this share
-# of the rows is done: dropping rows copies the encoder memory of all the rows that stay, which
-# costs more than a few idle rows do.
+# In greedy search, sentences that are done stay in the batch, their rows computed and ignored,
+# until this share of the rows is done: dropping rows copies the encoder memory of all the rows
+# that stay, which costs more than a few idle rows do.
 SHRINK_FRACTION = 0.25
 
 
@@ -612,8 +618,8 @@ class _BeamSearch:
         # the first step is the same for every beam: take it once per sentence, then copy
         bos = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
         out, state, attn = model.decode_step(bos, state, memory)  # (B, H), (B, S)
+        # the memory stays one row per sentence: the model reads it for each of the K beam rows
         per_beam = torch.arange(batch_size, device=device).repeat_interleave(k)  # (B*K,)
-        memory = memory.index_select(per_beam)
         state = state.index_select(per_beam)
         out, attn = out.index_select(0, per_beam), attn.index_select(0, per_beam)
 
@@ -625,7 +631,6 @@ class _BeamSearch:
             [length_penalty_factor(m + 1, self.alpha) for m in limits], device=device
         )
         self.n_ended = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.idle = torch.zeros(batch_size, dtype=torch.bool, device=device)  # done, not dropped
         self.nbest_floor = torch.full((batch_size,), NEG_INF, device=device)
         # per live beam: (n, K) log-probs; only beam 0 is live at first, so that the K copies
         # of the start state do not produce K identical candidates
@@ -644,31 +649,21 @@ class _BeamSearch:
 
         t = 0
         soonest_limit = min(limits)
-        n_idle = 0
         while True:
             prev, reorder = self._advance(model, out, attn.float(), t, soonest_limit)
-            state = state.index_select(reorder)
-            done = self._done(t) | self.idle  # (n,)
-            n_done = int(done.sum())
-            if n_done > n_idle:
-                n = len(self.active_ids)
-                if n_done == n:
+            done = self._done(t)  # (n,)
+            if bool(done.any()):
+                # a done sentence leaves at once: its memory is one row, its state K rows
+                # that the reordering below skips
+                keep = (~done).nonzero().squeeze(1)  # (n',) sentences that go on
+                if keep.numel() == 0:
                     break
-                if _worth_shrinking(n_done, n):
-                    keep = (~done).nonzero().squeeze(1)  # (n',) sentences that go on
-                    rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-                    memory = memory.index_select(rows)
-                    state = state.index_select(rows)
-                    prev = prev.index_select(0, rows)
-                    self._shrink(keep, rows)
-                    n_idle = 0
-                else:
-                    self.idle, n_idle = done, n_done
-                soonest_limit = min(
-                    limits[sid]
-                    for sid, idle in zip(self.active_ids, self.idle.tolist(), strict=True)
-                    if not idle
-                )
+                rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+                memory = memory.index_select(keep)
+                reorder, prev = reorder.index_select(0, rows), prev.index_select(0, rows)
+                self._shrink(keep, rows)
+                soonest_limit = min(limits[sid] for sid in self.active_ids)
+            state = state.index_select(reorder)
             t += 1
             out, state, attn = model.decode_step(self.cols.to_ids(prev), state, memory)
 
@@ -713,7 +708,7 @@ class _BeamSearch:
         is_eos = cand_tokens == self.cols.eos  # (n, 2K)
 
         # an EOS among the K best ends a hypothesis (Wu et al., 2016; as in fairseq)
-        ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF) & ~self.idle.unsqueeze(1)  # (n, K)
+        ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)  # (n, K)
         # attention of every step so far, this one (maybe EOS) included: (N, t + 1, S)
         attn_history = (
             torch.cat([self.attn_history, attn.unsqueeze(1)], dim=1)
@@ -809,7 +804,6 @@ class _BeamSearch:
         """Drop finished sentences: keep (n',) sentence positions, rows (n' * K,) beam rows."""
         self.active_ids = [self.active_ids[i] for i in keep.tolist()]
         self.active = self.active.index_select(0, keep)
-        self.idle = self.idle.index_select(0, keep)
         self.limit_t = self.limit_t.index_select(0, keep)
         self.lp_at_limit = self.lp_at_limit.index_select(0, keep)
         self.n_ended = self.n_ended.index_select(0, keep)

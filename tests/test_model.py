@@ -209,6 +209,60 @@ def test_step_loop_gives_the_teacher_forced_logits(combo: tuple[str, str, str]):
     torch.testing.assert_close(state.coverage, attn.sum(1), atol=1e-5, rtol=1e-5)
 
 
+FAST_VARIANTS = [
+    ("lstm", "luong-general-feed", "gnmt"),
+    ("lstm", "luong-dot", "bi"),
+    ("lstm", "bahdanau", "gnmt"),
+    ("lstm", "gnmt", "bi"),
+]
+
+
+@pytest.mark.parametrize("combo", FAST_VARIANTS, ids=combo_id)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fast_decoding_step_matches_the_plain_step(combo: tuple[str, str, str], precision: str):
+    cell, attention, layout = combo
+    feed = attention.endswith("-feed")
+    model = make_model(cell, attention.removesuffix("-feed"), layout, input_feeding=feed).eval()
+    batch = toy_batch(torch.Generator().manual_seed(6), batch=6)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if precision == "fp32" else {"atol": 0.05, "rtol": 0.05}
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        memory, state = model.encode(batch["src"], batch["src_lengths"], batch["src_mask"])
+        plain_state = state
+        weights = model.decoder.step_weights(model.target_embedding.weight)
+        assert weights is not None  # an LSTM decoder in eval mode without gradients
+        for t in range(batch["tgt_in"].size(1)):
+            tokens = batch["tgt_in"][:, t]
+            emb = model.target_embedding(tokens)
+            fast = (weights, weights.table.index_select(0, tokens))
+            out, state, attn = model.decoder.step(emb, state, memory, fast)
+            plain_out, plain_state, plain_attn = model.decoder.step(emb, plain_state, memory)
+            torch.testing.assert_close(out.float(), plain_out.float(), **tol)
+            torch.testing.assert_close(attn, plain_attn, **tol)
+            torch.testing.assert_close(state.hidden.float(), plain_state.hidden.float(), **tol)
+            torch.testing.assert_close(state.cell.float(), plain_state.cell.float(), **tol)
+
+
+def test_fast_step_only_where_it_applies_and_follows_the_weights():
+    model = make_model("lstm", "luong-general", "gnmt", input_feeding=True)
+    embedding = model.target_embedding.weight
+    assert model.decoder.step_weights(embedding) is None  # training mode
+    model.eval()
+    assert model.decoder.step_weights(embedding) is None  # gradients on
+    with torch.no_grad():
+        first = model.decoder.step_weights(embedding)
+        assert first is not None and model.decoder.step_weights(embedding) is first  # kept
+        model.decoder.layers[0].bias_ih_l0.add_(0.5)  # in place, as an optimiser step would
+        second = model.decoder.step_weights(embedding)
+        assert second is not None and second is not first
+        torch.testing.assert_close(second.table, first.table + 0.5)
+        gru = make_model("gru", "luong-general", "gnmt").eval()
+        assert gru.decoder.step_weights(gru.target_embedding.weight) is None
+        residual = make_model(
+            "lstm", "gnmt", "gnmt", enc_hidden=16, decoder={"residual_from": 0}
+        ).eval()
+        assert residual.decoder.step_weights(residual.target_embedding.weight) is None
+
+
 def train_toy(model: Seq2Seq, steps: int, lr: float = 0.02, seed: int = 0) -> list[float]:
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

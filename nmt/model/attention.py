@@ -16,7 +16,7 @@ class EncoderMemory(NamedTuple):
     keys: Tensor | None  # (B, S, Ha) keys projected once per batch; None for the dot score
 
     def index_select(self, idx: Tensor) -> EncoderMemory:
-        """Rows `idx` of the batch (beam search expands and reorders with this). idx: (B',) long."""
+        """Rows `idx` of the batch (search drops finished sentences with this). idx: (B',) long."""
         keys = None if self.keys is None else self.keys.index_select(0, idx)
         return EncoderMemory(
             self.enc_out.index_select(0, idx), self.src_mask.index_select(0, idx), keys
@@ -44,6 +44,10 @@ class Attention(nn.Module):
     forcing without input feeding passes the whole target sequence, so attention for all
     steps is one batched matmul. Keys that do not depend on the query are projected once
     per batch by `project_keys` and travel in `EncoderMemory.keys`.
+
+    The query may have G times as many rows as the memory (the beams of a sentence in beam
+    search): rows b * G ... b * G + G - 1 then read memory row b, so the memory is stored once
+    per sentence and the G queries of a sentence meet it in one matmul.
     """
 
     def project_keys(self, enc_out: Tensor) -> Tensor | None:
@@ -55,10 +59,19 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def forward(self, query: Tensor, memory: EncoderMemory) -> tuple[Tensor, Tensor]:
-        """Context (B, T, He) and attention weights (B, T, S) for query (B, T, Hq)."""
-        weights = masked_softmax(self.scores(query, memory), memory.src_mask)  # (B, T, S)
+        """Context (N, T, He) and attention weights (N, T, S) for query (N, T, Hq), where N is
+        the memory's B rows or a multiple B * G of them."""
+        rows, steps = query.shape[:2]
+        batch = memory.enc_out.size(0)
+        if rows != batch:
+            if rows % batch:
+                raise ValueError(f"{rows} query rows do not divide among {batch} memory rows")
+            query = query.reshape(batch, -1, query.size(-1))  # (B, G * T, Hq)
+        weights = masked_softmax(self.scores(query, memory), memory.src_mask)  # (B, G*T, S)
         # Luong et al. (2015), sec. 3.1: c_t = sum_s a_t(s) h_s
-        context = torch.bmm(weights.to(memory.enc_out.dtype), memory.enc_out)  # (B, T, He)
+        context = torch.bmm(weights.to(memory.enc_out.dtype), memory.enc_out)  # (B, G*T, He)
+        if rows != batch:
+            context, weights = context.view(rows, steps, -1), weights.view(rows, steps, -1)
         return context, weights
 
 

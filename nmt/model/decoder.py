@@ -22,9 +22,10 @@ the caller's and runs once over all positions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.attention import Attention, EncoderMemory
@@ -47,6 +48,20 @@ class DecoderState(NamedTuple):
             self.attn_vector.index_select(0, idx),
             self.coverage.index_select(0, idx),
         )
+
+
+class StepWeights(NamedTuple):
+    """The weights of the decoding fast path (`Decoder.fast_step`), in the compute dtype.
+
+    For every LSTM layer, [W_ih | W_hh] side by side, so that a step is one matmul per layer
+    over [input; h]. The bottom layer's input starts with the token embedding: its share of the
+    input projection, plus both biases, is precomputed for every token (`table`), so the
+    bottom layer multiplies only the rest of its input (attention vector or context) and h.
+    """
+
+    table: Tensor  # (V, 4H) W_ih[:, :E] e_v + b_ih + b_hh of the bottom layer, per token
+    weights: list[Tensor]  # per layer (4H, In' + H), In' = the input without the embedding
+    biases: list[Tensor | None]  # per layer (4H,) b_ih + b_hh; None for the bottom (in table)
 
 
 class Bridge(nn.Module):
@@ -113,6 +128,7 @@ class Decoder(nn.Module):
         self.attention = attention
         self.bridge = Bridge(bridge, enc_dim, self.num_layers, hidden_dim, 2 if self.is_lstm else 1)
         self.dropout = LayerDropout(dropout, variational)
+        self._step_cache: tuple[tuple[object, ...], StepWeights] | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -135,8 +151,96 @@ class Decoder(nn.Module):
             return True
         return torch.is_autocast_enabled("cpu")
 
-    def _run_layer(self, i: int, inp: Tensor, state: DecoderState) -> tuple[Tensor, Tensor, Tensor]:
+    # -- the decoding fast path ---------------------------------------------------------------
+
+    def step_weights(self, embedding: Tensor) -> StepWeights | None:
+        """The fast path's weights for target embedding matrix (V, E), built once and kept
+        until any weight changes; None where the plain step must run: training, gradients,
+        GRU cells, quantised layers, a residual bottom layer, or another device than the CPU
+        (a GPU has fused LSTM cells of its own)."""
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or not self.is_lstm
+            or self.residual_from == 0
+            or embedding.device.type != "cpu"
+            or not all(type(layer) is nn.LSTM and layer.bias for layer in self.layers)
+        ):
+            return None
+        params = [embedding, *self.layers.parameters()]
+        device = embedding.device.type
+        dtype = (
+            torch.get_autocast_dtype(device)
+            if torch.is_autocast_enabled(device)
+            else embedding.dtype
+        )
+        key = (tuple((p.data_ptr(), p._version) for p in params), dtype)
+        if self._step_cache is not None and self._step_cache[0] == key:
+            return self._step_cache[1]
+        dim = embedding.size(1)
+        weights: list[Tensor] = []
+        biases: list[Tensor | None] = []
+        table = embedding
+        for i, layer in enumerate(self.layers):
+            w_ih, w_hh, b_ih, b_hh = cast(nn.LSTM, layer).all_weights[0]
+            bias = (b_ih + b_hh).float()
+            if i == 0:  # the embedding's columns of W_ih go into the table
+                table = F.linear(embedding.float(), w_ih[:, :dim].float(), bias).to(dtype)
+            w_in = w_ih[:, dim:] if i == 0 else w_ih
+            weights.append(torch.cat([w_in, w_hh], dim=1).to(dtype))
+            biases.append(None if i == 0 else bias.to(dtype))
+        step_weights = StepWeights(table, weights, biases)
+        self._step_cache = (key, step_weights)
+        return step_weights
+
+    @staticmethod
+    def _fused_cell(
+        rest: Tensor | None, h: Tensor, c: Tensor, weight: Tensor, base: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One LSTM step as a single matmul: gates = base + [rest; h] W^T (gate order i, f, g, o
+        as in nn.LSTM). rest: (N, In') or None; h, c: (N, H); base: (4H,) or (N, 4H)."""
+        h = h.to(weight.dtype)
+        inp = h if rest is None else torch.cat([rest.to(weight.dtype), h], dim=1)
+        gates = torch.addmm(base, inp, weight.t())
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c.to(gates.dtype) + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+    def _run_bottom(
+        self,
+        emb: Tensor,
+        rest: Tensor | None,
+        state: DecoderState,
+        fast: tuple[StepWeights, Tensor] | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The bottom layer over [emb; rest] (B, T, E + In'); on the fast path (a step) emb's
+        share comes from the table rows fast[1] (B, 4H) and emb itself is not read."""
+        if fast is None:
+            inp = emb if rest is None else torch.cat([emb, rest.to(emb.dtype)], dim=-1)
+            return self._run_layer(0, inp, state)
+        weights, rows = fast
+        h, c = self._fused_cell(
+            None if rest is None else rest[:, 0], state.hidden[0], state.cell[0],
+            weights.weights[0], rows,
+        )  # fmt: skip
+        return h.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
+
+    def _run_layer(
+        self,
+        i: int,
+        inp: Tensor,
+        state: DecoderState,
+        fast: tuple[StepWeights, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i over inp (B, T, In) from its slice of state -> out (B, T, H), h, c (1, B, H)."""
+        if fast is not None and i > 0:
+            step_weights = fast[0]
+            base = step_weights.biases[i]
+            assert base is not None
+            h, c = self._fused_cell(
+                inp[:, 0], state.hidden[i], state.cell[i], step_weights.weights[i], base
+            )
+            return h.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
         layer = self.layers[i]
         # the cell kernels need the float weights (not, for example, a quantised module's)
         if inp.size(1) == 1 and isinstance(layer, nn.RNNBase) and self._cell_kernel(inp):
@@ -163,12 +267,18 @@ class Decoder(nn.Module):
     # -- the arrangement, implemented by subclasses -------------------------------------------
 
     def _block(
-        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+        self,
+        emb: Tensor,
+        state: DecoderState,
+        memory: EncoderMemory,
+        masks: list[Tensor | None],
+        fast: tuple[StepWeights, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Runs steps emb (B, T, E) from `state`.
 
         Returns output vectors (B, T, H), new hidden (L, B, H) and cell, and attention
-        weights (B, T, S). Subclasses with `loops_over_steps` accept only T = 1.
+        weights (B, T, S). Subclasses with `loops_over_steps` accept only T = 1. `fast`
+        (a step only): the fast path's weights and the previous tokens' table rows (B, 4H).
         """
         raise NotImplementedError
 
@@ -205,15 +315,20 @@ class Decoder(nn.Module):
         return self.dropout(torch.cat(outs, dim=1), masks[0]), torch.cat(attns, dim=1)
 
     def step(
-        self, emb: Tensor, state: DecoderState, memory: EncoderMemory
+        self,
+        emb: Tensor,
+        state: DecoderState,
+        memory: EncoderMemory,
+        fast: tuple[StepWeights, Tensor] | None = None,
     ) -> tuple[Tensor, DecoderState, Tensor]:
-        """One step. emb: (B, E) embedded previous tokens.
+        """One step. emb: (B, E) embedded previous tokens; fast: the fast path's weights
+        (`step_weights`) and the previous tokens' rows of its table (B, 4H), or None.
 
         Returns the output vector (B, H), the new state and attention weights (B, S).
         """
         emb = self._autocast_input(emb)
         masks = self._masks(emb.size(0), emb)
-        out, hidden, cell, attn = self._block(emb.unsqueeze(1), state, memory, masks)
+        out, hidden, cell, attn = self._block(emb.unsqueeze(1), state, memory, masks, fast)
         attn = attn.squeeze(1)
         feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
         new_state = DecoderState(hidden, cell, feed, state.coverage + attn)
@@ -255,17 +370,22 @@ class LuongDecoder(Decoder):
         self.combine = nn.Linear(enc_dim + hidden_dim, hidden_dim, bias=False)  # W_c, eq. 5
 
     def _block(
-        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+        self,
+        emb: Tensor,
+        state: DecoderState,
+        memory: EncoderMemory,
+        masks: list[Tensor | None],
+        fast: tuple[StepWeights, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = emb
-        inp = emb
-        if self.input_feeding:  # sec. 3.3: [y_{t-1}; h~_{t-1}]
-            inp = torch.cat([emb, state.attn_vector.unsqueeze(1).to(emb.dtype)], dim=-1)
+        # sec. 3.3, input feeding: the bottom layer reads [y_{t-1}; h~_{t-1}]
+        rest = state.attn_vector.unsqueeze(1) if self.input_feeding else None
         hs, cs = [], []
         for i in range(self.num_layers):
-            if i > 0:
-                inp = self.dropout(x, masks[i])
-            out, h, c = self._run_layer(i, inp, state)
+            if i == 0:
+                out, h, c = self._run_bottom(emb, rest, state, fast)
+            else:
+                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast)
             hs.append(h)
             cs.append(c)
             x = out + x if i >= self.residual_from else out
@@ -309,19 +429,24 @@ class BahdanauDecoder(Decoder):
         self.combine = nn.Linear(hidden_dim + enc_dim, hidden_dim, bias=False)  # W_o
 
     def _block(
-        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+        self,
+        emb: Tensor,
+        state: DecoderState,
+        memory: EncoderMemory,
+        masks: list[Tensor | None],
+        fast: tuple[StepWeights, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         assert emb.size(1) == 1, "Bahdanau attention depends on the previous step"
         query = state.hidden[-1].unsqueeze(1)  # (B, 1, H), s_{i-1}
         context, attn = self.attention(query, memory)  # eq. 5-6: alpha_ij from a(s_{i-1}, h_j)
         context = context.to(emb.dtype)
         x = emb
-        inp = torch.cat([emb, context], dim=-1)
         hs, cs = [], []
         for i in range(self.num_layers):
-            if i > 0:
-                inp = self.dropout(x, masks[i])
-            out, h, c = self._run_layer(i, inp, state)
+            if i == 0:
+                out, h, c = self._run_bottom(emb, context, state, fast)
+            else:
+                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast)
             hs.append(h)
             cs.append(c)
             x = out + x if i >= self.residual_from else out
@@ -359,16 +484,21 @@ class GNMTDecoder(Decoder):
         )
 
     def _block(
-        self, emb: Tensor, state: DecoderState, memory: EncoderMemory, masks: list[Tensor | None]
+        self,
+        emb: Tensor,
+        state: DecoderState,
+        memory: EncoderMemory,
+        masks: list[Tensor | None],
+        fast: tuple[StepWeights, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        out, h, c = self._run_layer(0, emb, state)
+        out, h, c = self._run_bottom(emb, None, state, fast)
         hs, cs = [h], [c]
         x = out + emb if self.residual_from == 0 else out
         context, attn = self.attention(x, memory)  # eq. 4-6, all T steps at once
         context = context.to(x.dtype)
         for i in range(1, self.num_layers):
             inp = torch.cat([self.dropout(x, masks[i]), context], dim=-1)
-            out, h, c = self._run_layer(i, inp, state)
+            out, h, c = self._run_layer(i, inp, state, fast)
             hs.append(h)
             cs.append(c)
             x = out + x if i >= self.residual_from else out

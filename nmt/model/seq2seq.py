@@ -85,7 +85,8 @@ class Seq2Seq(nn.Module):
         if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.tgt_vocab_size:
             raise ValueError(
                 f"output vocabulary ids must lie in [0, {self.tgt_vocab_size}), got "
-                f"{ids.numel()} ids" + (f" from {int(ids[0])} to {int(ids[-1])}" if len(ids) else "")
+                f"{ids.numel()} ids"
+                + (f" from {int(ids[0])} to {int(ids[-1])}" if len(ids) else "")
             )
         if not bool((ids == unk_id).any()):
             raise ValueError(f"the output vocabulary must contain UNK (id {unk_id})")
@@ -195,7 +196,9 @@ class Seq2Seq(nn.Module):
         weights (B, S). Search projects the vectors block by block (see `nmt.search`).
         """
         emb = self.embed_dropout(self.target_embedding(prev_tokens))  # (B, E)
-        return self.decoder.step(emb, state, memory)
+        weights = self.decoder.step_weights(self.target_embedding.weight)
+        fast = None if weights is None else (weights, weights.table.index_select(0, prev_tokens))
+        return self.decoder.step(emb, state, memory, fast)
 
     def step(
         self, prev_tokens: Tensor, state: DecoderState, memory: EncoderMemory
