@@ -556,6 +556,7 @@ def train(
             "src_lang": d.src_lang, "tgt_lang": d.tgt_lang, "length_ratio": list(length_ratio),
             "parameters": params, "scores": scores, "step": loop.step, "epoch": loop.epoch,
             "train_minutes": round(loop.elapsed / 60, 2), "precision": precision,
+            "output_vocab": None if model.output_ids is None else model.num_outputs,
             "hardware": hardware_description(device), "train_pairs": len(train_data),
             "data": str(d.corpus or f"{d.train_src} / {d.train_tgt}"),
         }  # fmt: skip

@@ -66,6 +66,13 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
         f"| Parameters | {params.get('total', 0):,} |",
         f"| Vocabulary | SentencePiece {cfg.tokenizer.model_type}, {cfg.tokenizer.vocab_size}"
         f"{' joint' if cfg.tokenizer.joint else ' per side'} |",
+    ]
+    if meta.get("output_vocab"):
+        lines.append(
+            f"| Output vocabulary | {meta['output_vocab']:,} tokens: the softmax covers those seen "
+            "on the target side of the training data |"
+        )
+    lines += [
         f"| Dev BLEU | {scores.get('dev_bleu', float('nan')):.2f} (step {scores.get('step', '?')}) |",
         f"| Dev chrF | {scores.get('dev_chrf', float('nan')):.2f} |",
     ]

@@ -152,6 +152,8 @@ def test_trained_model_scores_the_target_sides_tokens(tiny_model_dir: Path, toy_
     assert model.output_ids is not None
     assert model.output_ids.tolist() == sorted(seen)
     assert model.num_outputs < tok.tgt_vocab_size  # the joint vocabulary has source-only pieces
+    card = (tiny_model_dir / "README.md").read_text(encoding="utf-8")
+    assert f"| Output vocabulary | {len(seen):,} tokens" in card
     # every token of the output comes from the target side, whatever the search
     src, lengths, mask, _ = translator._encode(["el gato negro", "la casa"])
     kw = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "max_len_a": 1.5, "max_len_b": 5}
