@@ -537,8 +537,10 @@ def beam_search(
     ends is scored log_prob / lp(|Y|) + cp (GNMT, Wu et al., 2016, eq. 14) and kept aside. A
     sentence is done when no live beam can still beat its n_best-th ended one (bounded with the
     largest length penalty it could reach and a coverage penalty of 0); once beam_size have
-    ended, also when the best live beam would not beat it even if it ended at the next step
-    (the same bound when length_penalty is 0); or at its maximum length, where EOS is forced.
+    ended, also when the best live beam would not beat the best ended one even if it ended at
+    the next step (exact, too, when length_penalty is 0); or at its maximum length, where EOS
+    is forced. So the 1-best does not depend on n_best, and with length_penalty 0 a beam of one
+    gives greedy search's output.
 
     Args:
         src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
@@ -632,6 +634,7 @@ class _BeamSearch:
         )
         self.n_ended = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.nbest_floor = torch.full((batch_size,), NEG_INF, device=device)
+        self.best_ended = torch.full((batch_size,), NEG_INF, device=device)
         # per live beam: (n, K) log-probs; only beam 0 is live at first, so that the K copies
         # of the start state do not produce K identical candidates
         self.scores = torch.full((batch_size, k), NEG_INF, device=device)
@@ -777,16 +780,18 @@ class _BeamSearch:
                 )
             )
             touched[s] = sid
-        idx, counts, floors = [], [], []
+        idx, counts, floors, bests = [], [], [], []
         for s, sid in touched.items():
             hyps = self.ended[sid]
             hyps.sort(key=lambda h: h.score, reverse=True)
             idx.append(s)
             counts.append(len(hyps))
             floors.append(hyps[self.n_best - 1].score if len(hyps) >= self.n_best else NEG_INF)
+            bests.append(hyps[0].score)
         where = torch.tensor(idx, device=self.n_ended.device)
         self.n_ended[where] = torch.tensor(counts, device=where.device)
         self.nbest_floor[where] = torch.tensor(floors, device=where.device)
+        self.best_ended[where] = torch.tensor(bests, device=where.device)
 
     def _done(self, t: int) -> Tensor:
         """(n,) bool: sentences whose n-best list is final after step t."""
@@ -795,9 +800,10 @@ class _BeamSearch:
         lp_next = length_penalty_factor(t + 2, self.alpha)
         best_live = self.scores[:, 0]  # (n,)
         beaten = best_live / self.lp_at_limit.clamp(min=lp_next) <= self.nbest_floor
-        # once K have ended, also stop when the best live beam would not beat the n-best-th even
-        # if it ended next step; with alpha = 0 this is the exact bound above
-        heuristic = (self.n_ended >= self.k) & (best_live / lp_next <= self.nbest_floor)
+        # once K have ended, also stop when the best live beam would not beat the best ended one
+        # even if it ended at the next step. With alpha = 0 this is exact too. It does not
+        # depend on n_best, so neither does the 1-best: an n-best list starts with the 1-best.
+        heuristic = (self.n_ended >= self.k) & (best_live / lp_next <= self.best_ended)
         return beaten | heuristic | (self.limit_t <= t)
 
     def _shrink(self, keep: Tensor, rows: Tensor) -> None:
@@ -808,6 +814,7 @@ class _BeamSearch:
         self.lp_at_limit = self.lp_at_limit.index_select(0, keep)
         self.n_ended = self.n_ended.index_select(0, keep)
         self.nbest_floor = self.nbest_floor.index_select(0, keep)
+        self.best_ended = self.best_ended.index_select(0, keep)
         self.scores = self.scores.index_select(0, keep)
         self.history = self.history.index_select(0, rows)
         if self.coverage is not None:

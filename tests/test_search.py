@@ -207,23 +207,24 @@ def test_length_penalty_by_hand() -> None:
 
 def test_coverage_penalty_by_hand() -> None:
     # uniform attention over 2 source words: [] attends 0.5 to each (penalty 2 * log 0.5),
-    # [a] attends 1.0 to each after two steps and [a b] 1.5 (penalty 0). Without the penalty
-    # [] (0.4) would come first; with it, [] (log 0.4 + 2 log 0.5 = -2.30) falls behind
-    # [a] (log 0.33) and [a b] (log 0.12 = -2.12), which the search goes on to find
+    # [a] attends 1.0 to each after two steps (penalty 0). Without the penalty [] (0.4) comes
+    # first; with it, [] (log 0.4 + 2 log 0.5 = -2.30) falls behind [a] (log 0.33)
     model = TableModel(scripted_table(SHORT_OR_LONG, 3))
     (nbest,) = run_beam(
         model, [A, B], beam_size=2, n_best=2, length_penalty=0.0, coverage_penalty=1.0
     )
-    assert [h.tokens for h in nbest] == [[A], [A, B]]
+    assert [h.tokens for h in nbest] == [[A], []]
     assert nbest[0].score == pytest.approx(math.log(0.33), abs=1e-5)
-    assert nbest[1].score == pytest.approx(math.log(0.12), abs=1e-5)
+    assert nbest[1].score == pytest.approx(math.log(0.4) + 2 * math.log(0.5), abs=1e-5)
     (plain,) = run_beam(model, [A, B], beam_size=2, n_best=2, length_penalty=0.0)
     assert [h.tokens for h in plain] == [[], [A]]
-    (with_empty,) = run_beam(
+    # a third beam keeps [a b] (log 0.12 = -2.12, attention 1.5 on each word: penalty 0)
+    # alive long enough to end, and it ranks between [a] and []
+    (wider,) = run_beam(
         model, [A, B], beam_size=3, n_best=3, length_penalty=0.0, coverage_penalty=1.0
     )
-    assert with_empty[2].tokens == []
-    assert with_empty[2].score == pytest.approx(math.log(0.4) + 2 * math.log(0.5), abs=1e-5)
+    assert [h.tokens for h in wider] == [[A], [A, B], []]
+    assert wider[1].score == pytest.approx(math.log(0.12), abs=1e-5)
     # greedy takes [a]: two steps over three source words leave 2/3 on each
     (greedy,) = run_greedy(model, [A, B, C], coverage_penalty=0.5)
     assert greedy.tokens == [A]
