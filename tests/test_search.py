@@ -303,18 +303,21 @@ def test_scores_are_penalised_log_probs_of_the_tokens() -> None:
 
 
 def test_n_best_lists_are_sorted_distinct_and_start_with_the_one_best() -> None:
-    model = TableModel(random_table(3, keys=3, steps=6))
-    sentences = [[A, B, C], [B, A], [C]]
-    kw = {"beam_size": 5, "length_penalty": 0.6, "max_len_a": 1.5, "max_len_b": 2}
-    one_best = run_beam(model, *sentences, **kw)
-    n_best = run_beam(model, *sentences, n_best=5, **kw)
-    for (best,), nbest in zip(one_best, n_best, strict=True):
-        assert len(nbest) == 5
-        scores = [h.score for h in nbest]
-        assert scores == sorted(scores, reverse=True)
-        assert len({tuple(h.tokens) for h in nbest}) == 5
-        assert nbest[0].tokens == best.tokens
-        assert nbest[0].score == pytest.approx(best.score)
+    sentences = [[A, B, C], [B, A], [C], [A, A, B, C]]
+    for seed, alpha, beta in itertools.product(range(6), (0.0, 0.6), (0.0, 0.3)):
+        model = TableModel(random_table(seed, keys=3, steps=6))
+        kw = {"beam_size": 5, "length_penalty": alpha, "coverage_penalty": beta,
+              "max_len_a": 1.5, "max_len_b": 2}  # fmt: skip
+        one_best = run_beam(model, *sentences, **kw)
+        for n in (2, 5):
+            n_best = run_beam(model, *sentences, n_best=n, **kw)
+            for (best,), nbest in zip(one_best, n_best, strict=True):
+                assert len(nbest) == n
+                scores = [h.score for h in nbest]
+                assert scores == sorted(scores, reverse=True)
+                assert len({tuple(h.tokens) for h in nbest}) == n
+                assert nbest[0].tokens == best.tokens
+                assert nbest[0].score == pytest.approx(best.score)
 
 
 def test_min_length_keeps_eos_away() -> None:
