@@ -161,3 +161,29 @@ def test_trained_model_scores_the_target_sides_tokens(tiny_model_dir: Path, toy_
     nbest = beam_search(model, src, lengths, mask, beam_size=4, n_best=4, **kw)  # type: ignore[arg-type]
     for h in [*hyps, *(h for n in nbest for h in n)]:
         assert h.tokens and set(h.tokens) <= seen and math.isfinite(h.score)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_untied_and_tied_projections_restrict_the_same_way(tie: bool):
+    torch.manual_seed(2)
+    model = make_model("lstm", "gnmt", "gnmt", tie_output=tie).eval()
+    out = torch.randn(4, model.decoder.output_dim)
+    with torch.no_grad():
+        full = model.output_logits(out)
+        model.set_output_vocab(torch.tensor(KEPT), UNK)
+        torch.testing.assert_close(model.output_logits(out), full[:, KEPT])
+
+
+def test_full_output_vocabulary_keeps_every_token(toy_translation_dir: Path, tmp_path: Path):
+    from test_train import tiny_cfg
+
+    from nmt.train import train
+
+    cfg = tiny_cfg(toy_translation_dir, "model.output_vocab=full", "train.max_steps=2",
+                   "train.valid_every=2", "train.valid_max_sentences=4", "train.test_at_end=false")  # fmt: skip
+    train(cfg, tmp_path / "run", progress=False)
+    assert "output_ids" not in load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    translator = Translator.load(tmp_path / "run" / "model")
+    assert translator.model.output_ids is None
+    assert translator.model.num_outputs == translator.tokenizer.tgt_vocab_size
+    assert "Output vocabulary" not in (tmp_path / "run" / "model" / "README.md").read_text()
