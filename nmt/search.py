@@ -52,7 +52,8 @@ class StepModel(Protocol[MemoryT, StateT]):
     output vectors (N, H) projected to logits (N', V) on any block of rows.
 
     `decode_step` gets G >= 1 rows of state per memory row, the G rows of a memory row next to
-    each other (the beams of a sentence in beam search; G = 1 in greedy search)."""
+    each other (the beams of a sentence in beam search; G = 1 in greedy search). A model whose
+    logits cover part of the vocabulary also has `output_ids`, the token id of each column."""
 
     def encode(
         self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, /
