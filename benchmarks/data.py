@@ -90,6 +90,12 @@ def batching_epochs(
     }
 
 
+def _shown(path: Path) -> str:
+    """A path as results record it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def run(corpus_dir: Path, work_dir: Path, batch_tokens: int, max_seconds: float) -> dict[str, Any]:
     ensure_bible(corpus_dir)
     src, tgt = split_files(corpus_dir, "train", "es", "en")
@@ -112,7 +118,7 @@ def run(corpus_dir: Path, work_dir: Path, batch_tokens: int, max_seconds: float)
         shutil.rmtree(cache, ignore_errors=True)
     return {
         "benchmark": "data",
-        "corpus": str(corpus_dir),
+        "corpus": _shown(corpus_dir),
         "pairs_read": read_pairs,
         "pairs_kept": len(corpus),
         "dropped": dict(corpus.stats.dropped),

@@ -187,3 +187,17 @@ def test_full_output_vocabulary_keeps_every_token(toy_translation_dir: Path, tmp
     assert translator.model.output_ids is None
     assert translator.model.num_outputs == translator.tokenizer.tgt_vocab_size
     assert "Output vocabulary" not in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_search_refuses_a_model_that_cannot_end_a_sentence():
+    table = random_table(0, keys=3, steps=4)
+    model = SparseTableModel(table, [0, 1, 2, 30, 40, 50, 60])  # no column is EOS (id 3)
+    with pytest.raises(ValueError, match=r"EOS \(id 3\) is not one of the model's output tokens"):
+        greedy_search(model, *batch([4]), bos_id=2, eos_id=3, max_len_a=0.0, max_len_b=3)  # type: ignore[arg-type]
+
+
+def test_averaging_refuses_different_output_vocabularies(tmp_path: Path):
+    ckpt.save_weights(restricted_model(ids=KEPT), tmp_path / "a.safetensors")
+    ckpt.save_weights(restricted_model(ids=[*KEPT, 5]), tmp_path / "b.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"(output_ids|column_of) differs from"):
+        ckpt.average_checkpoints([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])

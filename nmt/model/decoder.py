@@ -64,6 +64,10 @@ class StepWeights(NamedTuple):
     biases: list[Tensor | None]  # per layer (4H,) b_ih + b_hh; None for the bottom (in table)
 
 
+# a decoding step's fast path: its weights and the previous tokens' rows of the table (B, 4H)
+FastStep = tuple[StepWeights, Tensor]
+
+
 class Bridge(nn.Module):
     """Initial decoder state: `dense` is tanh(W f + b) per layer (and per LSTM state) from the
     encoder's final state f; `zero` starts from zeros."""
@@ -193,25 +197,50 @@ class Decoder(nn.Module):
         self._step_cache = (key, step_weights)
         return step_weights
 
-    @staticmethod
-    def _fused_cell(
-        rest: Tensor | None, h: Tensor, c: Tensor, weight: Tensor, base: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One LSTM step as a single matmul: gates = base + [rest; h] W^T (gate order i, f, g, o
-        as in nn.LSTM). rest: (N, In') or None; h, c: (N, H); base: (4H,) or (N, 4H)."""
-        h = h.to(weight.dtype)
-        inp = h if rest is None else torch.cat([rest.to(weight.dtype), h], dim=1)
+    def _fused_layer(
+        self, i: int, rest: Tensor | None, state: DecoderState, weight: Tensor, base: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer i's LSTM step as a single matmul: gates = base + [rest; h] W^T (gate order
+        i, f, g, o as in nn.LSTM). rest: (B, 1, In') or None; base: (4H,) or (B, 4H).
+        Returns out (B, 1, H), h and c (1, B, H)."""
+        h = state.hidden[i].to(weight.dtype)
+        inp = h if rest is None else torch.cat([rest[:, 0].to(weight.dtype), h], dim=1)
         gates = torch.addmm(base, inp, weight.t())
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c.to(gates.dtype) + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        in_gate, forget, cell_in, out_gate = gates.chunk(4, dim=1)
+        c = torch.sigmoid(forget) * state.cell[i].to(gates.dtype)
+        c = c + torch.sigmoid(in_gate) * torch.tanh(cell_in)
+        h = torch.sigmoid(out_gate) * torch.tanh(c)
+        return h.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
+
+    def _stack(
+        self,
+        emb: Tensor,
+        rest: Tensor | None,
+        state: DecoderState,
+        masks: list[Tensor | None],
+        fast: FastStep | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """All layers, the bottom one over [emb; rest], each one above over the (dropped-out)
+        output below it, residual from `residual_from`. Returns the top output (B, T, H) and
+        the new hidden and cell (L, B, H)."""
+        x = emb
+        hs, cs = [], []
+        for i in range(self.num_layers):
+            if i == 0:
+                out, h, c = self._run_bottom(emb, rest, state, fast)
+            else:
+                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast)
+            hs.append(h)
+            cs.append(c)
+            x = out + x if i >= self.residual_from else out
+        return x, torch.cat(hs), torch.cat(cs)
 
     def _run_bottom(
         self,
         emb: Tensor,
         rest: Tensor | None,
         state: DecoderState,
-        fast: tuple[StepWeights, Tensor] | None,
+        fast: FastStep | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The bottom layer over [emb; rest] (B, T, E + In'); on the fast path (a step) emb's
         share comes from the table rows fast[1] (B, 4H) and emb itself is not read."""
@@ -219,28 +248,20 @@ class Decoder(nn.Module):
             inp = emb if rest is None else torch.cat([emb, rest.to(emb.dtype)], dim=-1)
             return self._run_layer(0, inp, state)
         weights, rows = fast
-        h, c = self._fused_cell(
-            None if rest is None else rest[:, 0], state.hidden[0], state.cell[0],
-            weights.weights[0], rows,
-        )  # fmt: skip
-        return h.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
+        return self._fused_layer(0, rest, state, weights.weights[0], rows)
 
     def _run_layer(
         self,
         i: int,
         inp: Tensor,
         state: DecoderState,
-        fast: tuple[StepWeights, Tensor] | None = None,
+        fast: FastStep | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Layer i over inp (B, T, In) from its slice of state -> out (B, T, H), h, c (1, B, H)."""
         if fast is not None and i > 0:
-            step_weights = fast[0]
-            base = step_weights.biases[i]
+            base = fast[0].biases[i]
             assert base is not None
-            h, c = self._fused_cell(
-                inp[:, 0], state.hidden[i], state.cell[i], step_weights.weights[i], base
-            )
-            return h.unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
+            return self._fused_layer(i, inp, state, fast[0].weights[i], base)
         layer = self.layers[i]
         # the cell kernels need the float weights (not, for example, a quantised module's)
         if inp.size(1) == 1 and isinstance(layer, nn.RNNBase) and self._cell_kernel(inp):
@@ -272,7 +293,7 @@ class Decoder(nn.Module):
         state: DecoderState,
         memory: EncoderMemory,
         masks: list[Tensor | None],
-        fast: tuple[StepWeights, Tensor] | None = None,
+        fast: FastStep | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Runs steps emb (B, T, E) from `state`.
 
@@ -319,7 +340,7 @@ class Decoder(nn.Module):
         emb: Tensor,
         state: DecoderState,
         memory: EncoderMemory,
-        fast: tuple[StepWeights, Tensor] | None = None,
+        fast: FastStep | None = None,
     ) -> tuple[Tensor, DecoderState, Tensor]:
         """One step. emb: (B, E) embedded previous tokens; fast: the fast path's weights
         (`step_weights`) and the previous tokens' rows of its table (B, 4H), or None.
@@ -375,24 +396,15 @@ class LuongDecoder(Decoder):
         state: DecoderState,
         memory: EncoderMemory,
         masks: list[Tensor | None],
-        fast: tuple[StepWeights, Tensor] | None = None,
+        fast: FastStep | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        x = emb
         # sec. 3.3, input feeding: the bottom layer reads [y_{t-1}; h~_{t-1}]
         rest = state.attn_vector.unsqueeze(1) if self.input_feeding else None
-        hs, cs = [], []
-        for i in range(self.num_layers):
-            if i == 0:
-                out, h, c = self._run_bottom(emb, rest, state, fast)
-            else:
-                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast)
-            hs.append(h)
-            cs.append(c)
-            x = out + x if i >= self.residual_from else out
+        x, hidden, cell = self._stack(emb, rest, state, masks, fast)
         context, attn = self.attention(x, memory)  # eq. 7 and 8: a_t from h_t
         # eq. 5: h~_t = tanh(W_c [c_t; h_t])
         h_tilde = torch.tanh(self.combine(torch.cat([context.to(x.dtype), x], dim=-1)))
-        return h_tilde, torch.cat(hs), torch.cat(cs), attn
+        return h_tilde, hidden, cell, attn
 
 
 class BahdanauDecoder(Decoder):
@@ -434,24 +446,15 @@ class BahdanauDecoder(Decoder):
         state: DecoderState,
         memory: EncoderMemory,
         masks: list[Tensor | None],
-        fast: tuple[StepWeights, Tensor] | None = None,
+        fast: FastStep | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         assert emb.size(1) == 1, "Bahdanau attention depends on the previous step"
         query = state.hidden[-1].unsqueeze(1)  # (B, 1, H), s_{i-1}
         context, attn = self.attention(query, memory)  # eq. 5-6: alpha_ij from a(s_{i-1}, h_j)
         context = context.to(emb.dtype)
-        x = emb
-        hs, cs = [], []
-        for i in range(self.num_layers):
-            if i == 0:
-                out, h, c = self._run_bottom(emb, context, state, fast)
-            else:
-                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast)
-            hs.append(h)
-            cs.append(c)
-            x = out + x if i >= self.residual_from else out
+        x, hidden, cell = self._stack(emb, context, state, masks, fast)
         out = torch.tanh(self.combine(torch.cat([x, context.to(x.dtype)], dim=-1)))
-        return out, torch.cat(hs), torch.cat(cs), attn
+        return out, hidden, cell, attn
 
 
 class GNMTDecoder(Decoder):
@@ -489,7 +492,7 @@ class GNMTDecoder(Decoder):
         state: DecoderState,
         memory: EncoderMemory,
         masks: list[Tensor | None],
-        fast: tuple[StepWeights, Tensor] | None = None,
+        fast: FastStep | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out, h, c = self._run_bottom(emb, None, state, fast)
         hs, cs = [h], [c]
