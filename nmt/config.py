@@ -95,7 +95,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     momentum: float = 0.0  # sgd
     weight_decay: float = 0.0
-    schedule: Literal["constant", "inverse_sqrt", "exponential", "plateau"] = "inverse_sqrt"
+    # linear, cosine: decay to min_lr exactly at the end of training: the max_minutes deadline
+    # when set (planned on the training clock), else max_steps (see nmt/schedule.py)
+    schedule: Literal[
+        "constant", "inverse_sqrt", "exponential", "plateau", "linear", "cosine"
+    ] = "inverse_sqrt"
     warmup_steps: int = 500
     decay_rate: float = 0.5  # exponential: lr *= decay_rate every decay_steps after warmup
     decay_steps: int = 2000
@@ -112,11 +116,19 @@ class TrainConfig:
     max_epochs: int = 0
     max_minutes: float = 0.0
     valid_every: int = 500  # steps
+    # validate by the training clock instead of steps (0: use valid_every); the interval grows so
+    # that validation stays under 5% of the time it measures itself taking
+    valid_every_minutes: float = 0.0
     valid_beam_size: int = 1  # 1 = greedy
     valid_max_sentences: int = 0  # 0: the whole dev set
     test_at_end: bool = True  # score the corpus's test split once, for the model card only
     log_every: int = 50
     keep_checkpoints: int = 5
+    # the shipped model is the best on dev BLEU of: the best validated weights, the last ones, the
+    # average of the last `average_last` checkpoints (0: not tried) and the moving average of the
+    # weights with this decay (0: not kept)
+    average_last: int = 0
+    ema_decay: float = 0.0
     early_stopping: int = 0  # stop after this many validations without improvement; 0 disables
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto, cpu, cuda, cuda:1
@@ -372,6 +384,20 @@ def validate(cfg: Config) -> None:
         "data: give data.corpus (a prepared folder) or both data.train_src and data.train_tgt",
     )
     _check(cfg.train.valid_every > 0, "train.valid_every must be positive")
+    tc = cfg.train
+    _check(tc.valid_every_minutes >= 0, "train.valid_every_minutes must be >= 0")
+    _check(0.0 <= tc.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")
+    _check(
+        0 <= tc.average_last <= tc.keep_checkpoints,
+        f"train.average_last ({tc.average_last}) must be between 0 and train.keep_checkpoints "
+        f"({tc.keep_checkpoints}): only kept checkpoints can be averaged",
+    )
+    _check(
+        tc.schedule not in ("linear", "cosine") or tc.max_minutes > 0 or tc.max_steps > 0,
+        f"train.schedule={tc.schedule!r} decays to the end of training: set train.max_minutes "
+        "or train.max_steps",
+    )
+    _check(tc.min_lr < tc.lr, f"train.min_lr ({tc.min_lr}) must be below train.lr ({tc.lr})")
     _check(cfg.train.log_every > 0, "train.log_every must be positive")
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     _check(cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}")

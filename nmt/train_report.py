@@ -81,6 +81,17 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
             f"| Test BLEU | {scores['test_bleu']:.2f} (beam {scores.get('test_beam_size')}, "
             f"{scores.get('test_data')}), chrF {scores.get('test_chrf', float('nan')):.2f} |"
         )
+    selection = meta.get("selection")
+    if selection:
+        others = ", ".join(
+            f"{name} {bleu:.2f}"
+            for name, bleu in selection["dev_bleu"].items()
+            if name != selection["chosen"]
+        )
+        lines.append(
+            f"| Weights | {selection['chosen']}, the best on dev BLEU of the candidates "
+            f"({others or 'no other candidate'}) |"
+        )
     lines += [
         f"| BLEU signature | `{scores.get('bleu_signature', '')}` |",
         f"| Training | {meta.get('step')} steps, epoch {meta.get('epoch')}, "
