@@ -58,6 +58,12 @@ class Attention(nn.Module):
         """Unnormalised scores (B, T, S) for query (B, T, Hq)."""
         raise NotImplementedError
 
+    def bilinear_keys(self, memory: EncoderMemory) -> Tensor | None:
+        """K (B, S, Hq) with scores = query @ K^T, for scores that are one batched product of
+        the query (dot, general); None for the others. Lets a step loop treat the score as a
+        product whose key gradient is summed over all steps at once."""
+        return None
+
     def forward(self, query: Tensor, memory: EncoderMemory) -> tuple[Tensor, Tensor]:
         """Context (N, T, He) and attention weights (N, T, S) for query (N, T, Hq), where N is
         the memory's B rows or a multiple B * G of them."""
@@ -91,6 +97,9 @@ class DotAttention(Attention):
     def scores(self, query: Tensor, memory: EncoderMemory) -> Tensor:
         return torch.bmm(query, memory.enc_out.transpose(1, 2))  # (B, T, S)
 
+    def bilinear_keys(self, memory: EncoderMemory) -> Tensor | None:
+        return memory.enc_out
+
 
 class GeneralAttention(Attention):
     """Luong et al. (2015), eq. 8, "general": score(h_t, h_s) = h_t^T W_a h_s.
@@ -108,6 +117,9 @@ class GeneralAttention(Attention):
     def scores(self, query: Tensor, memory: EncoderMemory) -> Tensor:
         assert memory.keys is not None, "general attention needs projected keys"
         return torch.bmm(query, memory.keys.transpose(1, 2))  # (B, T, S)
+
+    def bilinear_keys(self, memory: EncoderMemory) -> Tensor | None:
+        return memory.keys
 
 
 class AdditiveAttention(Attention):

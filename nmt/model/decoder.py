@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt.model import input_feeding
 from nmt.model.attention import Attention, EncoderMemory
 from nmt.model.encoder import LayerDropout, make_rnn
 
@@ -109,6 +110,9 @@ class Decoder(nn.Module):
 
     loops_over_steps = False  # whether teacher forcing has to run `_block` one step at a time
     feeds_attn_vector = False  # whether DecoderState.attn_vector is used (input feeding)
+    # teacher forcing by the plain loop over `_block` even where a faster loop exists (the
+    # oracle the faster one is tested and benchmarked against)
+    reference_loop = False
 
     def __init__(
         self,
@@ -280,10 +284,12 @@ class Decoder(nn.Module):
             c = state.cell[i : i + 1]
         return out, h, c
 
-    def _masks(self, batch: int, like: Tensor) -> list[Tensor | None]:
-        """Variational dropout masks, one per layer input above the bottom and one (index 0)
-        for the output vectors, sampled once so that a step loop shares them across time."""
-        return [self.dropout.mask(batch, self.hidden_dim, like) for _ in range(self.num_layers)]
+    def _masks(self, batch: int, like: Tensor, steps: int = 0) -> list[Tensor | None]:
+        """Dropout masks, one per layer input above the bottom and one (index 0) for the
+        output vectors: variational ones (B, 1, H) sampled once so that a step loop shares
+        them across time; with `steps`, plain ones too, (B, steps, H), all steps in one draw."""
+        dim = self.hidden_dim
+        return [self.dropout.mask(batch, dim, like, steps) for _ in range(self.num_layers)]
 
     # -- the arrangement, implemented by subclasses -------------------------------------------
 
@@ -322,13 +328,15 @@ class Decoder(nn.Module):
         Returns output vectors (B, T, H) for the output projection and attention (B, T, S).
         """
         emb = self._autocast_input(emb)
-        masks = self._masks(emb.size(0), emb)
         if not self.loops_over_steps:
+            masks = self._masks(emb.size(0), emb)
             out, _, _, attn = self._block(emb, state, memory, masks)
             return self.dropout(out, masks[0]), attn
+        masks = self._masks(emb.size(0), emb, emb.size(1))
         outs, attns = [], []
         for t in range(emb.size(1)):
-            out, hidden, cell, attn = self._block(emb[:, t : t + 1], state, memory, masks)
+            step_masks = [m if m is None or m.size(1) == 1 else m[:, t : t + 1] for m in masks]
+            out, hidden, cell, attn = self._block(emb[:, t : t + 1], state, memory, step_masks)
             feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
             state = DecoderState(hidden, cell, feed, state.coverage)
             outs.append(out)
@@ -389,6 +397,43 @@ class LuongDecoder(Decoder):
         self.loops_over_steps = input_feeding
         self.feeds_attn_vector = input_feeding
         self.combine = nn.Linear(enc_dim + hidden_dim, hidden_dim, bias=False)  # W_c, eq. 5
+
+    def forward(
+        self, emb: Tensor, state: DecoderState, memory: EncoderMemory
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher forcing. emb: (B, T, E) embedded tgt_in.
+
+        With input feeding, LSTM layers and a dot or general score, the step loop runs as
+        fused products with weight gradients summed once (`input_feeding_forward`); the plain
+        loop over `_block` otherwise, or when `reference_loop` is set.
+
+        Returns output vectors (B, T, H) for the output projection and attention (B, T, S).
+        """
+        keys = self.attention.bilinear_keys(memory)
+        if (
+            not self.input_feeding
+            or self.reference_loop
+            or not self.is_lstm
+            or type(self.combine) is not nn.Linear
+            or not input_feeding.applies(self.layers, keys, self.residual_from)
+        ):
+            return super().forward(emb, state, memory)
+        assert keys is not None
+        emb = self._autocast_input(emb)
+        masks = self._masks(emb.size(0), emb, emb.size(1))
+        out, attn = input_feeding.input_feeding_forward(
+            emb,
+            state.hidden,
+            state.cell,
+            state.attn_vector,
+            memory,
+            keys,
+            self.layers,
+            self.combine.weight,
+            self.residual_from,
+            masks,
+        )
+        return self.dropout(out, masks[0]), attn
 
     def _block(
         self,

@@ -45,24 +45,26 @@ class LayerDropout(nn.Module):
     def active(self) -> bool:
         return self.training and self.p > 0
 
-    def mask(self, batch: int, dim: int, like: Tensor) -> Tensor | None:
-        """A (B, 1, D) scaled keep-mask when variational dropout is active, else None."""
-        if not (self.active() and self.variational):
+    def mask(self, batch: int, dim: int, like: Tensor, steps: int = 0) -> Tensor | None:
+        """A scaled keep-mask when dropout is active: (B, 1, D) shared across time when
+        variational; otherwise (B, steps, D), a fresh draw per position drawn at once for a
+        step loop, or None when steps is 0 (`forward` draws its own). None when inactive."""
+        if not self.active() or not (self.variational or steps):
             return None
-        keep = torch.full((batch, 1, dim), 1 - self.p, device=like.device, dtype=like.dtype)
+        shape = (batch, 1 if self.variational else steps, dim)
+        keep = torch.full(shape, 1 - self.p, device=like.device, dtype=like.dtype)
         return torch.bernoulli(keep) / (1 - self.p)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, T, D); a mask from `mask()` is reused so step-wise calls share it."""
         if not self.active():
             return x
+        if mask is not None:
+            return x * mask
         if not self.variational:
             return F.dropout(x, self.p, training=True)
-        if mask is None:
-            mask = torch.bernoulli(x.new_full((x.size(0), 1, x.size(-1)), 1 - self.p)) / (
-                1 - self.p
-            )
-        return x * mask
+        keep = x.new_full((x.size(0), 1, x.size(-1)), 1 - self.p)
+        return x * (torch.bernoulli(keep) / (1 - self.p))
 
 
 def reverse_index(lengths: Tensor, max_len: int) -> Tensor:

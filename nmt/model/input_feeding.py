@@ -1,0 +1,194 @@
+"""Teacher forcing for the input-feeding Luong decoder as one loop of fused per-step products.
+
+With input feeding (Luong et al., 2015, sec. 3.3) step t reads h~_{t-1}, so teacher forcing has
+to loop over the target. This module runs that loop with as little besides matrix products as
+it can, and gives the same logits and gradients as the plain loop over `Decoder._block`:
+
+- The embedding's share of the bottom layer's input projection, with both biases, is one
+  product over all target positions; a step multiplies only [h~_{t-1}; h_{t-1}] by
+  [W_ih_rest | W_hh]^T, one matmul per layer per step (weights cast once, not per step).
+- The context half of the combine layer (eq. 5) is moved in front of the attention sum:
+  W_c1 c_t = sum_s a_t(s) (W_c1 h_s), so V W_c1^T is one product per batch and a step's
+  attention and combine take one batched product.
+- Per-step products use their matrices detached, so autograd neither accumulates a weight
+  gradient at every step nor builds outer products per step: `_LoopProducts` keeps the
+  per-step inputs and returns each matrix's gradient as one product over all steps
+  (dM = X^T G), which is where most of the backward's time used to go.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, cast
+
+import torch
+from torch import Tensor, nn
+
+from nmt.model.attention import EncoderMemory
+
+
+class _LoopProducts(torch.autograd.Function):
+    """Identity on base (T, B, N), whose step t is used as base[t] + sum_k x^k_t @ M_k with
+    every M_k detached inside the loop; the loop appends x^k_t to inputs[k].
+
+    Backward gets the gradient G (T, B, N) of every step at once (from `unbind`) and returns
+    dM_k = sum_t (x^k_t)^T G_t as one product: M_k (K, N) is shared, x^k_t (B, K); or M_k
+    (B, K, N) is per row, x^k_t (B, K) multiplying row b's matrix.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, base: Tensor, inputs: list[list[Tensor]], *mats: Tensor
+    ) -> Tensor:
+        ctx.inputs = inputs
+        ctx.batched = [m.dim() == 3 for m in mats]
+        return base
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grads: list[Tensor | None] = []
+        for k, (xs, batched) in enumerate(zip(ctx.inputs, ctx.batched, strict=True)):
+            if not ctx.needs_input_grad[2 + k]:
+                grads.append(None)
+                continue
+            x = torch.stack(xs)  # (T, B, K)
+            g = grad.to(x.dtype)
+            if batched:  # (B, K, T) @ (B, T, N)
+                grads.append(torch.bmm(x.permute(1, 2, 0), g.transpose(0, 1)))
+            else:  # (K, T * B) @ (T * B, N)
+                grads.append(x.reshape(-1, x.size(-1)).t() @ g.reshape(-1, g.size(-1)))
+        base_grad = grad if ctx.needs_input_grad[0] else None
+        return (base_grad, None, *grads)
+
+
+class _Products(NamedTuple):
+    """One `_LoopProducts` site: the per-step bases, the detached matrices and the inputs
+    lists the loop fills."""
+
+    bases: tuple[Tensor, ...]  # T tensors (B, N)
+    mats: list[Tensor]  # detached M_k (K, N) or (B, K, N)
+    inputs: list[list[Tensor]]
+
+    @staticmethod
+    def build(base: Tensor, mats: list[Tensor]) -> _Products:
+        """base: (T, B, N); mats as in `_LoopProducts`."""
+        inputs: list[list[Tensor]] = [[] for _ in mats]
+        anchored = _LoopProducts.apply(base, inputs, *mats)
+        return _Products(anchored.unbind(0), [m.detach() for m in mats], inputs)
+
+    def record(self, k: int, x: Tensor) -> Tensor:
+        """Keeps x (B, K) for the k-th matrix's gradient; returns it."""
+        if torch.is_grad_enabled():
+            self.inputs[k].append(x.detach())
+        return x
+
+    def shared(self, t: int, x: Tensor, k: int = 0, base: Tensor | None = None) -> Tensor:
+        """base (default: step t's) + x (B, K) @ M_k (K, N) -> (B, N)."""
+        start = self.bases[t] if base is None else base
+        return torch.addmm(start, self.record(k, x), self.mats[k])
+
+    def per_row(self, t: int, x: Tensor, k: int = 0, base: Tensor | None = None) -> Tensor:
+        """base (default: step t's) + x (B, K) @ M_k (B, K, N), row by row -> (B, N)."""
+        start = self.bases[t] if base is None else base
+        return torch.baddbmm(
+            start.unsqueeze(1), self.record(k, x).unsqueeze(1), self.mats[k]
+        ).squeeze(1)
+
+
+def _lstm_pointwise(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM's gate math in fp32 (gate order i, f, g, o as in nn.LSTM): on CPU bf16
+    sigmoid and tanh run several times slower than fp32 ones, and fp32 costs nothing on GPUs.
+    gates: (B, 4H) any float dtype; cell: (B, H) fp32. Returns h (B, H) in gates' dtype and
+    c (B, H) fp32."""
+    in_gate, forget, cell_in, out_gate = gates.float().chunk(4, dim=1)
+    c = torch.sigmoid(forget) * cell + torch.sigmoid(in_gate) * torch.tanh(cell_in)
+    return (torch.sigmoid(out_gate) * torch.tanh(c)).to(gates.dtype), c
+
+
+def applies(layers: nn.ModuleList, keys: Tensor | None, residual_from: int) -> bool:
+    """Whether `input_feeding_forward` can run this decoder: plain nn.LSTM layers with biases
+    (not, for example, quantised ones), a score that is one product of the query, and a bottom
+    layer without a residual add."""
+    return (
+        keys is not None
+        and residual_from >= 1
+        and all(type(layer) is nn.LSTM and layer.bias for layer in layers)
+    )
+
+
+def input_feeding_forward(
+    emb: Tensor,
+    hidden: Tensor,
+    cell: Tensor,
+    attn_vector: Tensor,
+    memory: EncoderMemory,
+    keys: Tensor,
+    layers: nn.ModuleList,
+    combine: Tensor,
+    residual_from: int,
+    masks: list[Tensor | None],
+) -> tuple[Tensor, Tensor]:
+    """Teacher forcing through a Luong decoder with input feeding, all steps in one loop.
+
+    Args:
+        emb: (B, T, E) embedded tgt_in, in the compute dtype (bf16 under autocast).
+        hidden, cell: (L, B, H) the initial state; attn_vector: (B, H) h~_0.
+        memory: the encoder memory; keys: (B, S, H) K with scores = h_t K^T (eq. 8, dot or
+            general).
+        layers: the L nn.LSTM layers, the bottom one over [y; h~] (E + H inputs).
+        combine: W_c (H, He + H), eq. 5.
+        residual_from: layers at this index (>= 1) and above add their input.
+        masks: per layer above the bottom, the dropout mask of its input, (B, T, H) or
+            (B, 1, H) (variational), or None; index 0 is the caller's (output dropout).
+    Returns:
+        h~ (B, T, H) before output dropout, and attention weights (B, T, S) fp32.
+    """
+    dtype = emb.dtype
+    batch, steps, dim = emb.shape
+    width = hidden.size(-1)
+    device = emb.device.type
+    with torch.autocast(device, enabled=False):  # every cast below is explicit and once
+        # bottom layer: [W_ih_emb] y_t + b_ih + b_hh for all t in one product
+        w_ih, w_hh, b_ih, b_hh = cast(nn.LSTM, layers[0]).all_weights[0]
+        pre = torch.addmm(
+            (b_ih + b_hh).to(dtype),
+            emb.transpose(0, 1).reshape(-1, dim),
+            w_ih[:, :dim].to(dtype).t(),
+        ).view(steps, batch, -1)  # (T, B, 4H)
+        stack = [_Products.build(pre, [torch.cat([w_ih[:, dim:], w_hh], 1).to(dtype).t()])]
+        for layer in layers[1:]:
+            w_ih, w_hh, b_ih, b_hh = cast(nn.LSTM, layer).all_weights[0]
+            bias = (b_ih + b_hh).to(dtype).expand(steps, batch, -1)
+            stack.append(_Products.build(bias, [torch.cat([w_ih, w_hh], 1).to(dtype).t()]))
+        # eq. 8 scores h_t K^T; padding gets -inf (so a zero weight) through the base
+        mask_bias = torch.zeros(batch, keys.size(1), dtype=dtype, device=emb.device)
+        mask_bias = mask_bias.masked_fill(~memory.src_mask, float("-inf"))
+        scores = _Products.build(mask_bias.expand(steps, -1, -1), [keys.to(dtype).transpose(1, 2)])
+        # eq. 5: W_c [c_t; h_t] = a_t (V W_c1^T) + h_t W_c2^T
+        enc_dim = memory.enc_out.size(-1)
+        values = memory.enc_out.to(dtype) @ combine[:, :enc_dim].to(dtype).t()  # (B, S, H)
+        zero = emb.new_zeros(()).expand(steps, batch, width)
+        out_proj = _Products.build(zero, [combine[:, enc_dim:].to(dtype).t(), values])
+
+        hs = list(hidden.to(dtype).unbind(0))
+        cs = list(cell.float().unbind(0))
+        feed = attn_vector.to(dtype)
+        step_masks = [None if m is None else m.to(dtype).unbind(1) for m in masks]
+        outs: list[Tensor] = []
+        attns: list[Tensor] = []
+        for t in range(steps):
+            gates = stack[0].shared(t, torch.cat([feed, hs[0]], dim=1))
+            hs[0], cs[0] = _lstm_pointwise(gates, cs[0])
+            x = hs[0]
+            for i in range(1, len(layers)):
+                mask = step_masks[i]
+                inp = x if mask is None else x * mask[t if len(mask) > 1 else 0]
+                gates = stack[i].shared(t, torch.cat([inp, hs[i]], dim=1))
+                hs[i], cs[i] = _lstm_pointwise(gates, cs[i])
+                x = hs[i] + x if i >= residual_from else hs[i]
+            weights = scores.per_row(t, x).float().softmax(dim=-1)  # (B, S), eq. 7
+            pre_tilde = out_proj.shared(t, x)
+            pre_tilde = out_proj.per_row(t, weights.to(dtype), k=1, base=pre_tilde)
+            feed = torch.tanh(pre_tilde.float()).to(dtype)
+            outs.append(feed)
+            attns.append(weights)
+    return torch.stack(outs, dim=1), torch.stack(attns, dim=1)
