@@ -1,4 +1,4 @@
-"""Encoded corpus cache (Arrow, memory-mapped), the Batch, and the token-bounded bucket sampler."""
+"""Encoded corpus cache (Arrow, memory-mapped), the Batch, bucket lengths, the token-bounded sampler."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import shutil
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -29,7 +30,9 @@ CACHE_VERSION = 1  # bump when the cache layout or the encoding changes
 ENCODE_CHUNK = 20_000  # pairs encoded (and held in memory) at a time
 DATA_FILE = "data.arrow"
 META_FILE = "meta.json"
-DEFAULT_PAD_TO_MULTIPLE = 8  # few distinct padded shapes keep oneDNN's per-shape kernel cache warm
+DEFAULT_PAD_TO_MULTIPLE = 8  # past the last bucket boundary, lengths round up to a multiple
+DEFAULT_MAX_BUCKETS = 16  # padded lengths per corpus: few shapes keep oneDNN's kernel cache warm
+_MAX_CANDIDATES = 1024  # boundary candidates the dynamic programme considers (bounds its cost)
 
 _SCHEMA = pa.schema(
     [("src", pa.list_(pa.int32())), ("tgt", pa.list_(pa.int32())), ("line", pa.int64())]
@@ -86,21 +89,146 @@ def round_up(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """The lengths a batch is padded to: up to the next boundary, past the last one to a multiple.
+
+    Few distinct padded lengths keep oneDNN's per-shape kernel cache warm; boundaries fitted to a
+    corpus's length distribution (`Buckets.fit`) keep padding low on any corpus, where rounding to
+    a multiple of 8 alone pads a corpus of short phrases (3-10 subwords) by a third.
+    `Buckets(multiple=m)` with no boundaries rounds every length up to a multiple of m (1: exact
+    lengths).
+    """
+
+    boundaries: tuple[int, ...] = ()  # ascending padded lengths
+    multiple: int = DEFAULT_PAD_TO_MULTIPLE  # for lengths past the last boundary
+
+    def __post_init__(self) -> None:
+        if self.multiple < 1:
+            raise ValueError(f"Buckets.multiple must be positive, got {self.multiple}")
+        b = self.boundaries
+        if any(x < 1 for x in b) or any(y <= x for x, y in zip(b, b[1:], strict=False)):
+            raise ValueError(f"Buckets.boundaries must be positive and ascending, got {b}")
+
+    @classmethod
+    def fit(
+        cls,
+        src_lengths: Sequence[int] | np.ndarray,
+        tgt_lengths: Sequence[int] | np.ndarray,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> Buckets:
+        """At most `max_buckets` boundaries that minimise the padding of a corpus's examples.
+
+        Source lengths and target lengths plus one (BOS + y, y + EOS) are pooled, since both sides
+        are padded to the same boundaries, and the boundaries are chosen by dynamic programming
+        to minimise the total of (boundary - length) over all of them; the longest length is
+        always a boundary. Deterministic: a pure function of the lengths.
+        """
+        if max_buckets < 1:
+            raise ValueError(f"max_buckets must be positive, got {max_buckets}")
+        src = np.asarray(src_lengths, dtype=np.int64)
+        tgt = np.asarray(tgt_lengths, dtype=np.int64) + 1
+        counts = np.bincount(src, minlength=1) if len(src) else np.zeros(1, dtype=np.int64)
+        tgt_counts = np.bincount(tgt) if len(tgt) else np.zeros(1, dtype=np.int64)
+        size = max(len(counts), len(tgt_counts))
+        hist = np.zeros(size, dtype=np.int64)
+        hist[: len(counts)] += counts
+        hist[: len(tgt_counts)] += tgt_counts
+        hist[0] = 0  # an empty source is never collated
+        return cls(tuple(optimal_boundaries(hist, max_buckets)))
+
+    def pad(self, lengths: np.ndarray) -> np.ndarray:
+        """The padded length of each of `lengths` (an int array of any shape)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        out = -(-lengths // self.multiple) * self.multiple
+        if self.boundaries:
+            bounds = np.asarray(self.boundaries, dtype=np.int64)
+            table = bounds[np.searchsorted(bounds, np.arange(bounds[-1] + 1), side="left")]
+            inside = lengths <= bounds[-1]
+            out[inside] = table[lengths[inside]]  # a lookup: faster than a search per length
+        return out
+
+    def pad_length(self, length: int) -> int:
+        """The padded length of one length."""
+        return int(self.pad(np.asarray([length]))[0])
+
+    def fingerprint(self) -> int:
+        """A checksum of the boundaries and multiple, for resume checks."""
+        data = np.asarray([*self.boundaries, -self.multiple], dtype=np.int64).tobytes()
+        return zlib.crc32(data)
+
+
+def optimal_boundaries(hist: np.ndarray, max_buckets: int) -> list[int]:
+    """Boundaries minimising sum over lengths l of hist[l] * (next boundary >= l, minus l).
+
+    Dynamic programming over the lengths that occur (at most `_MAX_CANDIDATES` of them, taken at
+    quantiles of the distribution when there are more): cost[k][j] is the least padding of all
+    lengths up to candidate j with k boundaries, the last at candidate j. O(K x M^2) in numpy.
+
+    Args:
+        hist: (M,) int, hist[l] = number of sequences of length l.
+    Returns:
+        At most `max_buckets` ascending boundaries; the longest length occurring is the last.
+    """
+    lengths = np.flatnonzero(hist)
+    if len(lengths) == 0:
+        return []
+    cands = lengths
+    if len(cands) > _MAX_CANDIDATES:  # boundaries at quantiles of the distribution, plus the max
+        cum = np.cumsum(hist[lengths])
+        levels = np.linspace(0, cum[-1], _MAX_CANDIDATES, endpoint=False)[1:]
+        picks = np.searchsorted(cum, levels, side="left")
+        cands = np.unique(np.concatenate([lengths[picks], lengths[-1:]]))
+    # group every length with the smallest candidate at or above it
+    group = np.searchsorted(cands, lengths, side="left")
+    n = np.bincount(group, weights=hist[lengths], minlength=len(cands))
+    total = np.bincount(group, weights=hist[lengths] * lengths, minlength=len(cands))
+    cn = np.concatenate([[0.0], np.cumsum(n)])  # (M+1,) prefix counts
+    cs = np.concatenate([[0.0], np.cumsum(total)])  # (M+1,) prefix length sums
+    m = len(cands)
+    values = cands.astype(np.float64)
+    # seg[a, j]: padding of the lengths in groups a..j when all go to candidate j (a <= j)
+    seg = values[None, :] * (cn[None, 1:] - cn[:m, None]) - (cs[None, 1:] - cs[:m, None])
+    seg[np.tril_indices(m, -1)] = np.inf
+    cost = seg[0].copy()  # one boundary: everything up to j goes to j
+    choices = [np.zeros(m, dtype=np.int64)]
+    for _ in range(1, min(max_buckets, m)):
+        # previous boundary at a - 1, the new one at j covers groups a..j
+        best = np.concatenate([[np.inf], cost[:-1]])[:, None] + seg  # (a, j)
+        arg = best.argmin(axis=0)
+        new = best[arg, np.arange(m)]
+        improved = new < cost
+        if not improved.any():
+            break
+        choices.append(np.where(improved, arg, -1))
+        cost = np.minimum(cost, new)
+    # walk back from the last candidate
+    out, j, k = [], m - 1, len(choices) - 1
+    while j >= 0:
+        out.append(int(cands[j]))
+        while k > 0 and choices[k][j] < 0:
+            k -= 1
+        a = int(choices[k][j]) if k > 0 else 0
+        j, k = a - 1, k - 1
+    return out[::-1]
+
+
 def collate(
     examples: Sequence[tuple[Sequence[int], Sequence[int]]],
     indices: Sequence[int],
     pad_id: int,
     bos_id: int,
     eos_id: int,
-    pad_to_multiple: int = DEFAULT_PAD_TO_MULTIPLE,
+    padding: Buckets | int = DEFAULT_PAD_TO_MULTIPLE,
 ) -> Batch:
     """Pads (source ids, target ids) pairs into a Batch.
 
     Args:
         examples: B pairs of id lists, without BOS/EOS.
         indices: the B example ids, kept in `Batch.indices`.
-        pad_to_multiple: padded lengths S and T are rounded up to a multiple of this, so that
-            batches come in few shapes; the sampler rounds the same way, so its token bound holds.
+        padding: the padded lengths S and T are the longest lengths rounded up by these Buckets
+            (an int m: to a multiple of m), so that batches come in few shapes; the sampler pads
+            the same way, so its token bound holds.
     """
     src_lengths = np.fromiter((len(s) for s, _ in examples), dtype=np.int64, count=len(examples))
     tgt_lengths = np.fromiter((len(t) for _, t in examples), dtype=np.int64, count=len(examples))
@@ -108,8 +236,13 @@ def collate(
     tgt_values = np.fromiter((i for _, t in examples for i in t), dtype=np.int64)
     return _collate_flat(
         src_values, src_lengths, tgt_values, tgt_lengths, np.asarray(indices, dtype=np.int64),
-        pad_id, bos_id, eos_id, pad_to_multiple,
+        pad_id, bos_id, eos_id, as_buckets(padding),
     )  # fmt: skip
+
+
+def as_buckets(padding: Buckets | int) -> Buckets:
+    """Buckets as given, or an int m as `Buckets(multiple=m)` (round up to a multiple of m)."""
+    return padding if isinstance(padding, Buckets) else Buckets(multiple=int(padding))
 
 
 def _collate_flat(
@@ -121,7 +254,7 @@ def _collate_flat(
     pad_id: int,
     bos_id: int,
     eos_id: int,
-    pad_to_multiple: int,
+    padding: Buckets,
 ) -> Batch:
     """Builds a Batch from concatenated ids and per-example lengths, without Python loops."""
     if len(src_lengths) == 0:
@@ -129,8 +262,8 @@ def _collate_flat(
     if src_lengths.min() < 1:
         raise ValueError("cannot collate an example with an empty source")
     n = len(src_lengths)
-    width_s = round_up(int(src_lengths.max()), pad_to_multiple)
-    width_t = round_up(int(tgt_lengths.max()) + 1, pad_to_multiple)
+    width_s = padding.pad_length(int(src_lengths.max()))
+    width_t = padding.pad_length(int(tgt_lengths.max()) + 1)
 
     src_mask = np.arange(width_s) < src_lengths[:, None]  # (B, S)
     src = np.full((n, width_s), pad_id, dtype=np.int64)
@@ -205,6 +338,15 @@ class EncodedCorpus:
         self.lines = table.column("line").to_numpy()  # (N,) int64
         self.stats = FilterStats(kept=self.meta["stats"]["kept"])
         self.stats.dropped.update(self.meta["stats"]["dropped"])
+        self._buckets: Buckets | None = None
+
+    @property
+    def buckets(self) -> Buckets:
+        """The padded lengths fitted to this corpus (`Buckets.fit` with its defaults), which
+        `batch` uses unless told otherwise and a default `TokenBatchSampler` computes alike."""
+        if self._buckets is None:
+            self._buckets = Buckets.fit(self.src_lengths, self.tgt_lengths)
+        return self._buckets
 
     @classmethod
     def build(
@@ -287,9 +429,13 @@ class EncodedCorpus:
         pad_id: int,
         bos_id: int,
         eos_id: int,
-        pad_to_multiple: int = DEFAULT_PAD_TO_MULTIPLE,
+        padding: Buckets | int | None = None,
     ) -> Batch:
-        """The collated Batch of these examples, straight from the Arrow columns."""
+        """The collated Batch of these examples, straight from the Arrow columns.
+
+        Args:
+            padding: how lengths are padded (see `collate`); None: this corpus's `buckets`.
+        """
         table = self._arrow[list(map(int, indices))]
         src = table.column("src").combine_chunks()
         tgt = table.column("tgt").combine_chunks()
@@ -299,13 +445,22 @@ class EncodedCorpus:
             tgt.flatten().to_numpy().astype(np.int64),
             np.diff(tgt.offsets.to_numpy()),
             np.asarray(indices, dtype=np.int64),
-            pad_id, bos_id, eos_id, pad_to_multiple,
+            pad_id, bos_id, eos_id, self.buckets if padding is None else as_buckets(padding),
         )  # fmt: skip
 
     def target_token_ids(self) -> np.ndarray:
-        """The distinct token ids on the target side, ascending."""
-        tgt = self.dataset.data.column("tgt").combine_chunks().flatten()
-        return np.unique(tgt.to_numpy(zero_copy_only=False)).astype(np.int64)
+        """The distinct token ids on the target side, ascending.
+
+        Counted one Arrow chunk at a time, so memory stays flat however large the corpus.
+        """
+        seen = np.zeros(0, dtype=bool)
+        for chunk in self.dataset.data.column("tgt").chunks:
+            ids = chunk.flatten().to_numpy(zero_copy_only=False)
+            if len(ids):
+                found = np.bincount(ids, minlength=len(seen)) > 0
+                found[: len(seen)] |= seen
+                seen = found
+        return np.flatnonzero(seen).astype(np.int64)
 
     def length_ratio(self, coverage: float = 0.999, b: float = 5.0) -> tuple[float, float]:
         """(a, b) such that a * |src| + b covers `coverage` of the target lengths (a rounded up)."""
@@ -366,9 +521,11 @@ class TokenBatchSampler:
 
     Examples are grouped by padded target length and, inside a group, sorted by source length,
     so padding stays low. Every batch satisfies B x S <= batch_tokens and B x T <= batch_tokens,
-    where S and T are the padded source and target-plus-BOS/EOS lengths (rounded up to
-    `pad_to_multiple`, as `collate` does). Ties are broken and batches ordered at random from
-    (seed, epoch), so an epoch is reproducible. Every example is in exactly one batch per epoch.
+    where S and T are the padded source and target-plus-BOS/EOS lengths (rounded up by `buckets`,
+    as `collate` does). By default the buckets are fitted to these lengths (`Buckets.fit` with
+    `max_buckets`), as `EncodedCorpus.buckets` is, so `corpus.batch` pads the way the sampler
+    counts. Ties are broken and batches ordered at random from (seed, epoch), so an epoch is
+    reproducible. Every example is in exactly one batch per epoch.
 
     With several ranks, each takes every world_size-th batch; the batch count is made divisible
     by world_size by splitting a few of the largest batches, so every rank gets the same number
@@ -388,17 +545,28 @@ class TokenBatchSampler:
         shuffle: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        pad_to_multiple: int = DEFAULT_PAD_TO_MULTIPLE,
+        pad_to_multiple: int | None = None,
+        buckets: Buckets | None = None,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
     ) -> None:
+        """Sorts the examples into buckets; batches are made per epoch, when first asked for.
+
+        Args:
+            pad_to_multiple: round padded lengths up to a multiple of this instead of fitting
+                buckets (1: exact lengths).
+            buckets: the padded lengths to use; default: fitted to these lengths.
+            max_buckets: how many boundaries fitted buckets may have.
+        """
         src = np.asarray(src_lengths, dtype=np.int64)
         tgt = np.asarray(tgt_lengths, dtype=np.int64)
         if src.shape != tgt.shape or src.ndim != 1:
             raise ValueError(f"length arrays differ: {src.shape} source vs {tgt.shape} target")
         if len(src) == 0:
             raise ValueError("cannot sample batches from an empty corpus")
-        if batch_tokens < 1 or pad_to_multiple < 1:
-            raise ValueError(f"batch_tokens and pad_to_multiple must be positive, got "
-                             f"{batch_tokens} and {pad_to_multiple}")  # fmt: skip
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+        if pad_to_multiple is not None and buckets is not None:
+            raise ValueError("give TokenBatchSampler either pad_to_multiple or buckets, not both")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if len(src) < world_size:
@@ -408,11 +576,18 @@ class TokenBatchSampler:
         self.shuffle = shuffle
         self.rank = rank
         self.world_size = world_size
-        self.pad_to_multiple = pad_to_multiple
+        if pad_to_multiple is not None and pad_to_multiple < 1:
+            raise ValueError(f"pad_to_multiple must be positive, got {pad_to_multiple}")
+        if buckets is None:
+            fitted = pad_to_multiple is None
+            buckets = (
+                Buckets.fit(src, tgt, max_buckets) if fitted else as_buckets(pad_to_multiple or 1)
+            )
+        self.buckets = buckets
         self.epoch = 0
         self.position = 0
-        self._src_padded = -(-src // pad_to_multiple) * pad_to_multiple  # (N,)
-        self._tgt_padded = -(-(tgt + 1) // pad_to_multiple) * pad_to_multiple  # BOS/EOS + y
+        self._src_padded = buckets.pad(src)  # (N,)
+        self._tgt_padded = buckets.pad(tgt + 1)  # BOS/EOS + y
         self._src = src
         self._tgt = tgt + 1
         self._cache: tuple[int, list[np.ndarray]] | None = None
@@ -463,10 +638,16 @@ class TokenBatchSampler:
             "seed": self.seed,
             "world_size": self.world_size,
             "num_batches": len(self),
+            "buckets": self.buckets.fingerprint(),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restores epoch and position; the corpus, seed and world size must be the same."""
+        """Restores epoch and position; the corpus, seed, world size and buckets must be the same."""
+        if state.get("buckets", self.buckets.fingerprint()) != self.buckets.fingerprint():
+            raise ValueError(
+                f"cannot resume: the saved sampler padded to other bucket lengths than this one "
+                f"({self.buckets.boundaries}; did the corpus or max_buckets change?)"
+            )
         for name in ("seed", "world_size"):
             if state.get(name, getattr(self, name)) != getattr(self, name):
                 raise ValueError(
@@ -485,12 +666,13 @@ class TokenBatchSampler:
 
     def padding_stats(self, epoch: int | None = None) -> dict[str, float]:
         """Padding share of source, target and both, over all batches of an epoch."""
-        real_s = real_t = padded_s = padded_t = 0
-        for batch in self.all_batches(epoch):
-            real_s += int(self._src[batch].sum())
-            real_t += int(self._tgt[batch].sum())
-            padded_s += len(batch) * int(self._src_padded[batch].max())
-            padded_t += len(batch) * int(self._tgt_padded[batch].max())
+        batches = self.all_batches(epoch)
+        idx = np.concatenate(batches)
+        sizes = np.fromiter(map(len, batches), dtype=np.int64, count=len(batches))
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        padded_s = int((sizes * np.maximum.reduceat(self._src_padded[idx], starts)).sum())
+        padded_t = int((sizes * np.maximum.reduceat(self._tgt_padded[idx], starts)).sum())
+        real_s, real_t = int(self._src[idx].sum()), int(self._tgt[idx].sum())
         return {
             "src": 1 - real_s / padded_s,
             "tgt": 1 - real_t / padded_t,
@@ -510,7 +692,8 @@ class TokenBatchSampler:
         order = np.lexsort((tie, self._src, self._tgt_padded))  # by target bucket, then source
         sorted_t = self._tgt_padded[order]
         sorted_s = self._src_padded[order]
-        bucket_ends = np.searchsorted(sorted_t, sorted_t, side="right")
+        ends = np.append(np.flatnonzero(np.diff(sorted_t)) + 1, n)  # where each bucket stops
+        bucket_ends = np.repeat(ends, np.diff(ends, prepend=0))  # (N,) the end of i's bucket
         budget = self.batch_tokens
         batches: list[np.ndarray] = []
         i = 0
@@ -520,15 +703,27 @@ class TokenBatchSampler:
                 j = i + max(1, budget // int(sorted_s[j - 1]))
             batches.append(order[i:j])
             i = j
-        batches = _split_until_divisible(batches, self.world_size)
         if self.shuffle:
             batches = [batches[k] for k in rng.permutation(len(batches))]
-        return batches
+        return _split_until_divisible(batches, self.world_size)
 
 
 def _split_until_divisible(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
-    """Splits the largest batches in two until their number is a multiple of world_size."""
-    batches = list(batches)
+    """Splits batches in two until their number is a multiple of world_size.
+
+    The largest of the last (count mod world_size) batches are split, so every step of W ranks
+    takes the examples that one process accumulating W batches per step takes: the same global
+    batches whatever the world size. Only when those are too small are others split.
+    """
+    cut = len(batches) - len(batches) % world_size
+    head, tail = list(batches[:cut]), list(batches[cut:])
+    while tail and len(tail) < world_size:
+        k = max(range(len(tail)), key=lambda b: len(tail[b]))
+        if len(tail[k]) < 2:
+            break
+        half = len(tail[k]) // 2
+        tail[k : k + 1] = [tail[k][:half], tail[k][half:]]
+    batches = head + tail
     while len(batches) % world_size:
         k = max(range(len(batches)), key=lambda b: len(batches[b]))
         if len(batches[k]) < 2:
@@ -547,4 +742,4 @@ def iterate_batches(
 ) -> Iterator[Batch]:
     """Batches of `corpus` in the sampler's order (resuming where the sampler stands)."""
     for indices in sampler:
-        yield corpus.batch(indices, pad_id, bos_id, eos_id, sampler.pad_to_multiple)
+        yield corpus.batch(indices, pad_id, bos_id, eos_id, sampler.buckets)

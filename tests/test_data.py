@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,13 @@ from nmt.config import TokenizerConfig
 from nmt.corpus import CorpusError, drop_reason
 from nmt.data import (
     Batch,
+    Buckets,
     EncodedCorpus,
     TokenBatchSampler,
     collate,
     drop_codes,
     iterate_batches,
+    optimal_boundaries,
     round_up,
 )
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -30,7 +34,7 @@ from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 def test_collate_builds_teacher_forcing_inputs() -> None:
     examples = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14])]
-    batch = collate(examples, [4, 2], PAD_ID, BOS_ID, EOS_ID, pad_to_multiple=1)
+    batch = collate(examples, [4, 2], PAD_ID, BOS_ID, EOS_ID, padding=1)
     assert batch.src.tolist() == [[5, 6, 7], [10, PAD_ID, PAD_ID]]
     assert batch.src_lengths.tolist() == [3, 1]
     assert batch.src_mask.tolist() == [[True, True, True], [True, False, False]]
@@ -44,10 +48,18 @@ def test_collate_builds_teacher_forcing_inputs() -> None:
 
 
 def test_collate_rounds_padded_lengths_up() -> None:
-    batch = collate([([5] * 9, [6] * 7)], [0], PAD_ID, BOS_ID, EOS_ID, pad_to_multiple=8)
+    batch = collate([([5] * 9, [6] * 7)], [0], PAD_ID, BOS_ID, EOS_ID, padding=8)
     assert batch.src.shape == (1, 16) and batch.tgt_in.shape == (1, 8)  # 9 -> 16, 7 + 1 -> 8
     assert batch.src_mask.sum().item() == 9 and batch.num_tgt_tokens == 8
     assert round_up(17, 8) == 24 and round_up(16, 8) == 16 and round_up(5, 1) == 5
+
+
+def test_collate_pads_up_to_the_next_bucket_boundary() -> None:
+    buckets = Buckets((4, 9, 12))
+    batch = collate([([5] * 9, [6] * 2), ([5] * 3, [6] * 4)], [0, 1], PAD_ID, BOS_ID, EOS_ID,
+                    padding=buckets)  # fmt: skip
+    assert batch.src.shape == (2, 9) and batch.tgt_in.shape == (2, 9)  # 9 -> 9, 4 + 1 -> 9
+    assert buckets.pad(np.array([1, 4, 5, 12, 13, 17])).tolist() == [4, 4, 9, 12, 16, 24]
 
 
 def test_batch_to_keeps_lengths_on_the_cpu() -> None:
@@ -93,7 +105,7 @@ def test_batches_from_arrow_equal_collate(
     corpus = EncodedCorpus.build(*train_pair, toy_tokenizer, tmp_path / "cache")
     indices = [5, 0, 299, 42]
     fast = corpus.batch(indices, PAD_ID, BOS_ID, EOS_ID)
-    slow = collate([corpus[i] for i in indices], indices, PAD_ID, BOS_ID, EOS_ID)
+    slow = collate([corpus[i] for i in indices], indices, PAD_ID, BOS_ID, EOS_ID, corpus.buckets)
     for name in ("src", "src_lengths", "src_mask", "tgt_in", "tgt_out", "indices"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
     assert fast.num_tgt_tokens == slow.num_tgt_tokens
@@ -326,6 +338,132 @@ def test_iterate_batches_over_the_toy_corpus(
     assert sorted(i for b in batches for i in b.indices.tolist()) == list(range(len(corpus)))
     for b in batches:
         assert b.src.numel() <= 256 and b.tgt_in.numel() <= 256
-        assert b.src.size(1) % 8 == 0 and b.tgt_in.size(1) % 8 == 0
+        assert b.src.size(1) in sampler.buckets.boundaries
+        assert b.tgt_in.size(1) in sampler.buckets.boundaries
         assert torch.equal(b.src_mask, b.src != PAD_ID)
         assert b.num_tgt_tokens == int((b.tgt_out != PAD_ID).sum())
+
+
+# -- buckets fitted to the length distribution -------------------------------------------------
+
+
+def short_phrase_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths of a corpus of short phrases: 3 to 10 subwords a side."""
+    rng = np.random.default_rng(seed)
+    src = rng.integers(3, 11, n)
+    return src, np.clip(src + rng.integers(-2, 3, n), 3, 10)
+
+
+def test_fitted_buckets_pad_short_phrases_far_less_than_multiples_of_8() -> None:
+    src, tgt = short_phrase_lengths(20_000)
+    fitted = TokenBatchSampler(src, tgt, 2048, seed=0).padding_ratio()
+    rounded = TokenBatchSampler(src, tgt, 2048, seed=0, pad_to_multiple=8).padding_ratio()
+    assert rounded > 0.2 and fitted < 0.02
+
+
+@pytest.mark.parametrize("max_buckets", [1, 4, 16])
+def test_fitted_buckets_bound_the_number_of_distinct_lengths(max_buckets: int) -> None:
+    src, tgt = random_lengths(5000, seed=2)
+    sampler = TokenBatchSampler(src, tgt, 2048, seed=0, max_buckets=max_buckets)
+    boundaries = sampler.buckets.boundaries
+    assert len(boundaries) <= max_buckets and boundaries[-1] == max(src.max(), tgt.max() + 1)
+    widths = set()
+    for batch in sampler:
+        s = sampler.buckets.pad_length(int(src[batch].max()))
+        t = sampler.buckets.pad_length(int(tgt[batch].max()) + 1)
+        assert len(batch) * s <= 2048 and len(batch) * t <= 2048
+        widths |= {s, t}
+    assert widths <= set(boundaries)
+    seen = sorted(i for batch in sampler for i in batch)  # the next epoch
+    assert seen == list(range(5000))
+
+
+def test_more_buckets_never_pad_more() -> None:
+    src, tgt = random_lengths(5000, seed=3)
+    pads = [TokenBatchSampler(src, tgt, 2048, max_buckets=k).padding_ratio() for k in (2, 8, 32)]
+    assert pads[0] > pads[1] > pads[2]
+
+
+def test_boundaries_minimise_rounding_padding() -> None:
+    """Against every choice of boundaries on small histograms (the longest length is always one)."""
+    rng = np.random.default_rng(0)
+
+    def cost(hist: np.ndarray, bounds: list[int]) -> int:
+        b = np.asarray(bounds)
+        lengths = np.flatnonzero(hist)
+        return int((hist[lengths] * (b[np.searchsorted(b, lengths)] - lengths)).sum())
+
+    for _ in range(100):
+        hist = rng.integers(0, 4, int(rng.integers(2, 12)))
+        hist[-1] += 1
+        k = int(rng.integers(1, 5))
+        lengths = np.flatnonzero(hist).tolist()
+        best = min(
+            cost(hist, [*chosen, lengths[-1]])
+            for r in range(min(k, len(lengths)))
+            for chosen in itertools.combinations(lengths[:-1], r)
+        )
+        got = optimal_boundaries(hist, k)
+        assert len(got) <= k and got[-1] == lengths[-1] and cost(hist, got) == best
+
+
+def test_fitting_is_deterministic_and_the_corpus_fits_the_same_buckets(
+    train_pair: tuple[Path, Path], toy_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    corpus = EncodedCorpus.build(*train_pair, toy_tokenizer, tmp_path / "cache")
+    sampler = TokenBatchSampler(corpus.src_lengths, corpus.tgt_lengths, 256, seed=0)
+    assert sampler.buckets == corpus.buckets == Buckets.fit(corpus.src_lengths, corpus.tgt_lengths)
+    for indices in list(sampler)[:5]:  # the corpus's default padding is the sampler's
+        batch = corpus.batch(indices, PAD_ID, BOS_ID, EOS_ID)
+        assert batch.src.numel() <= 256 and batch.tgt_in.numel() <= 256
+
+
+def test_resume_refuses_other_buckets() -> None:
+    src, tgt = random_lengths(2000)
+    state = TokenBatchSampler(src, tgt, 500, seed=3, max_buckets=8).state_dict()
+    with pytest.raises(ValueError, match="bucket lengths"):
+        TokenBatchSampler(src, tgt, 500, seed=3, max_buckets=12).load_state_dict(state)
+
+
+def test_target_token_ids_are_the_distinct_target_ids(
+    train_pair: tuple[Path, Path], toy_tokenizer: Tokenizer, tmp_path: Path
+) -> None:
+    corpus = EncodedCorpus.build(*train_pair, toy_tokenizer, tmp_path / "cache")
+    expected = sorted({i for k in range(len(corpus)) for i in corpus[k][1]})
+    assert corpus.target_token_ids().tolist() == expected
+
+
+def test_target_token_ids_go_one_chunk_at_a_time(
+    train_pair: tuple[Path, Path],
+    toy_tokenizer: Tokenizer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Memory stays flat: never the whole target column at once (a large corpus has billions)."""
+    monkeypatch.setattr(nmt.data, "ENCODE_CHUNK", 30)  # ten record batches
+    corpus = EncodedCorpus.build(*train_pair, toy_tokenizer, tmp_path / "cache")
+    column = corpus.dataset.data.column("tgt")
+    assert column.num_chunks >= 10
+    all_ids = column.combine_chunks().flatten().to_numpy()
+    tracemalloc.start()
+    ids = corpus.target_token_ids()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert ids.tolist() == np.unique(all_ids).tolist()
+    assert peak < all_ids.nbytes / 2  # sorting a copy of the whole column would take all of it
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_take_the_global_batches_of_one_process_accumulating_world_size_batches(
+    world_size: int,
+) -> None:
+    src, tgt = random_lengths(1001, seed=4)
+    single = list(TokenBatchSampler(src, tgt, 580, seed=5))  # 95 batches
+    assert len(single) % world_size  # the ranks need a split
+    shards = [
+        list(TokenBatchSampler(src, tgt, 580, seed=5, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
+    for step, batches in enumerate(zip(*shards, strict=True)):
+        accumulated = single[step * world_size : (step + 1) * world_size]
+        assert sorted(i for b in batches for i in b) == sorted(i for b in accumulated for i in b)
