@@ -3,10 +3,17 @@
 Measures forward + loss + backward target tokens per second on a synthetic, length-bucketed
 batch, parameter counts, and the latency of one decoding step for a beam-search-sized batch.
 Precisions are timed in alternation after warm-up; the median and the best iteration are
-reported (on a shared machine the ratio is the number to quote). Prints JSON.
+reported (on a shared machine the ratio is the number to quote). The training step uses the
+output projection fused with the loss (`fused_linear_smoothed_nll`); the step with the full
+logits and `label_smoothed_nll` is timed in the same alternation, and
+`train_speedup_fused_loss_*` is its time / the fused step's. Where teacher forcing loops over
+target steps (input feeding, Bahdanau, GNMT), the reference step loop with the unfused loss
+(the previous whole step) is timed too, and `train_speedup_over_reference_*` is old time / new
+time. Prints JSON; `--profile` adds a table of the bf16 step's top operators on stderr.
 
     python -m benchmarks.model_speed                      # bible-es-en, +input feeding, gnmt-8layer
     python -m benchmarks.model_speed --configs configs/luong.yaml --iters 3
+    python -m benchmarks.model_speed --cases bible-es-en --step-rows 0 --threads 2 --profile
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -23,7 +31,7 @@ from typing import Any
 import torch
 
 from nmt.config import apply_overrides, config_from_dict, load_config
-from nmt.loss import label_smoothed_nll
+from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,16 +97,31 @@ def interleaved_seconds(
 
 
 def train_step_fn(
-    model: Seq2Seq, batch: dict[str, torch.Tensor], precision: str
+    model: Seq2Seq,
+    batch: dict[str, torch.Tensor],
+    precision: str,
+    reference: bool = False,
+    fused: bool = True,
+    block_rows: int = 1024,
 ) -> Callable[[], None]:
-    """Forward + loss + backward on the batch."""
+    """Forward + loss + backward on the batch; `reference`: teacher forcing by the plain loop
+    over the decoder's steps (`Decoder.reference_loop`) instead of its fastest path; `fused`:
+    the output projection and the loss in blocks, else full logits and `label_smoothed_nll`."""
+    inputs = (batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
 
     def train_step() -> None:
+        model.decoder.reference_loop = reference
         model.train()
         model.zero_grad(set_to_none=True)
         with precision_context(precision):
-            logits = model(batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
-        loss, _, _ = label_smoothed_nll(logits, batch["tgt_out"], PAD, 0.1)
+            if fused:
+                weight, bias = model.output_weights()
+                features = model(*inputs, features=True)
+                loss, _, _ = fused_linear_smoothed_nll(
+                    features, weight, bias, batch["tgt_out"], PAD, 0.1, block_rows=block_rows
+                )
+            else:
+                loss, _, _ = label_smoothed_nll(model(*inputs), batch["tgt_out"], PAD, 0.1)
         loss.backward()
 
     return train_step
@@ -125,6 +148,20 @@ def decode_step_fn(
     return one_step
 
 
+def profile_train_step(name: str, model: Seq2Seq, batch: dict[str, torch.Tensor]) -> None:
+    """Prints the top operators by self CPU time of two bf16 training steps (to stderr, so
+    that stdout stays JSON)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = train_step_fn(model, batch, "bf16")
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    print(f"{name}: bf16 training step, 2 iterations\n{table}", file=sys.stderr)
+
+
 def run_case(
     name: str, config: str, overrides: list[str], batch_tokens: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -142,12 +179,31 @@ def run_case(
         "target_tokens": int((batch["tgt_out"] != PAD).sum()),
     }
     n_tokens = result["target_tokens"]
-    train = interleaved_seconds(
-        {p: train_step_fn(model, batch, p) for p in args.precisions}, args.warmup, args.iters
-    )
-    for precision, (best, median) in train.items():
-        result[f"train_tokens_per_s_{precision}"] = round(n_tokens / median, 1)
-        result[f"train_tokens_per_s_{precision}_best"] = round(n_tokens / best, 1)
+    # the reference step loop only differs where teacher forcing loops over steps
+    compare = args.reference and model.decoder.loops_over_steps
+    fns = {p: train_step_fn(model, batch, p, block_rows=args.block_rows) for p in args.precisions}
+    if args.reference:
+        fns.update({f"{p}_unfused": train_step_fn(model, batch, p, fused=False) for p in fns})
+    if compare:
+        fns.update(
+            {f"{p}_reference": train_step_fn(model, batch, p, True, False) for p in args.precisions}
+        )
+    train = interleaved_seconds(fns, args.warmup, args.iters)
+    for variant, (best, median) in train.items():
+        result[f"train_tokens_per_s_{variant}"] = round(n_tokens / median, 1)
+        result[f"train_tokens_per_s_{variant}_best"] = round(n_tokens / best, 1)
+    if args.reference:
+        for p in args.precisions:
+            new, old = train[p], train[f"{p}_unfused"]
+            result[f"train_speedup_fused_loss_{p}"] = round(old[1] / new[1], 3)
+            result[f"train_speedup_fused_loss_{p}_best"] = round(old[0] / new[0], 3)
+    if compare:
+        for p in args.precisions:
+            new, old = train[p], train[f"{p}_reference"]
+            result[f"train_speedup_over_reference_{p}"] = round(old[1] / new[1], 3)
+            result[f"train_speedup_over_reference_{p}_best"] = round(old[0] / new[0], 3)
+    if args.profile:
+        profile_train_step(name, model, batch)
     if args.step_rows:
         steps = interleaved_seconds(
             {p: decode_step_fn(model, batch, args.step_rows, p) for p in args.precisions},
@@ -175,6 +231,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--step-rows", type=int, default=320, help="0 skips the step timing")
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument(
+        "--block-rows", type=int, default=1024, help="target positions per block of the fused loss"
+    )
+    parser.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip timing the unfused loss and the decoders' reference step loop",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print a profile of the bf16 training step"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config",
-                       description="Train a model. Everything lands in the run directory; the best "
-                       "model by dev BLEU is kept in RUN_DIR/model.")  # fmt: skip
+                       description="Train a model. Everything lands in the run directory; the "
+                       "shipped model is kept in RUN_DIR/model. With train.max_minutes the run "
+                       "plans itself against the deadline (train.schedule: linear or cosine "
+                       "decays to train.min_lr when the time is up), validates every "
+                       "train.valid_every_minutes, and ships the best on dev BLEU of the last "
+                       "weights, the average of the last train.average_last checkpoints and the "
+                       "moving average of the weights (train.ema_decay).")  # fmt: skip
     p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_minutes=20 (repeatable)")  # fmt: skip

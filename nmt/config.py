@@ -30,6 +30,9 @@ class DataConfig:
     max_tokens: int = 200  # pairs longer than this (in subwords, either side) are dropped
     max_length_ratio: float = 3.0  # pairs whose token lengths differ more than this are dropped
     cache_dir: str | None = None  # encoded-corpus cache; default: <run_dir>/cache
+    # padded lengths: at most this many, fitted to the corpus's length distribution to keep
+    # padding low with few distinct shapes; 0 rounds lengths up to multiples of 8 instead
+    max_buckets: int = 16
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,7 @@ def validate(cfg: Config) -> None:
         "data: give data.corpus (a prepared folder) or both data.train_src and data.train_tgt",
     )
     _check(cfg.train.valid_every > 0, "train.valid_every must be positive")
+    _check(cfg.data.max_buckets >= 0, "data.max_buckets must be >= 0 (0: multiples of 8)")
     tc = cfg.train
     _check(tc.valid_every_minutes >= 0, "train.valid_every_minutes must be >= 0")
     _check(0.0 <= tc.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")

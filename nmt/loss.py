@@ -1,4 +1,5 @@
-"""Label-smoothed cross-entropy over logits, padding ignored, computed in fp32."""
+"""Label-smoothed cross-entropy, padding ignored, computed in fp32: over logits, or fused with
+the output projection so that the logits are never built whole."""
 
 from __future__ import annotations
 
@@ -73,3 +74,170 @@ def label_smoothed_nll(
         flat_target = column_of[flat_target]
     loss, nll = _SmoothedNLL.apply(flat_logits, flat_target, keep, smoothing)
     return loss.sum(), nll.sum().detach(), keep.sum()
+
+
+def _with_bias_column(x: Tensor, column: Tensor | float | None, width: int) -> Tensor:
+    """x (R, D) widened to (R, width) with `column` at index D and zeros after it."""
+    if column is None:
+        return x
+    out = x.new_zeros(x.size(0), width)
+    out[:, : x.size(1)] = x
+    out[:, x.size(1)] = column
+    return out
+
+
+class _FusedLinearSmoothedNLL(torch.autograd.Function):
+    """Output projection and smoothed loss over row blocks, with the gradients made in forward.
+
+    Fused linear cross-entropy: the (N, V) logits exist one block of rows at a time. For each
+    block, logits = h W^T + b in the compute dtype and the fp32 log-softmax gives the loss.
+    The loss's gradient wrt the logits is G = p - q (as in `_SmoothedNLL`); it goes straight
+    into dh = G W, dW += G^T h and db += sum_rows G, and backward only scales these by the
+    incoming gradient of the summed loss, a scalar. Rows are the non-padding positions only.
+
+    Each pass over a block costs about as much as a product, so the blocks make as few as
+    they can: the bias is a column of W against a column of ones in h (db comes out of the
+    dW product); with G = P - eps / V, P = p - (1 - eps) onehot(y), the uniform part is
+    rank one, G W = P W - (eps / V) sum_v W_v and G^T h = P^T h - (eps / V) sum_n h_n, so
+    only P is formed; and the smoothing term sum_v log p_v = sum_v x_v - V lse(x) needs only
+    lse(x) = x_y - log p_y per row and the sum of all logits, (sum_n h_n) . (sum_v W_v).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        rows: Tensor,
+        target: Tensor,
+        smoothing: float,
+        compute_dtype: torch.dtype,
+        block_rows: int,
+    ) -> tuple[Tensor, Tensor]:
+        need_h, need_w, need_b = (bool(x) for x in ctx.needs_input_grad[:3])
+        all_rows = rows.numel() == hidden.size(0)
+        d = hidden.size(1)
+        width = d if bias is None else -(-(d + 1) // 32) * 32  # room for the bias column
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = (hidden if all_rows else hidden.index_select(0, rows)).to(compute_dtype)  # (N, D)
+            w = weight.to(compute_dtype)  # (V, D)
+            h_aug = _with_bias_column(h, None if bias is None else 1.0, width)  # (N, width)
+            w_aug = _with_bias_column(w, None if bias is None else bias.to(compute_dtype), width)
+            n, v = h.size(0), w.size(0)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_wb = (  # (V, width) fp32: dW, then db at column D
+                h.new_zeros((v, width), dtype=torch.float32) if need_w or need_b else None
+            )
+            nll = h.new_zeros((), dtype=torch.float32)
+            lse = h.new_zeros((), dtype=torch.float32)
+            for start in range(0, n, block_rows):
+                h_blk = h_aug[start : start + block_rows]  # (n_blk, width)
+                t_blk = target[start : start + block_rows].unsqueeze(1)  # (n_blk, 1)
+                logits = h_blk @ w_aug.t()  # (n_blk, V), compute dtype, bias included
+                log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n_blk, V)
+                log_p_y = log_probs.gather(1, t_blk)  # (n_blk, 1)
+                nll -= log_p_y.sum()
+                if smoothing:
+                    lse += (logits.gather(1, t_blk).float() - log_p_y).sum()
+                if grad_h is None and grad_wb is None:
+                    continue
+                probs = log_probs.exp_()  # P = p - (1 - eps) onehot(y), in place
+                probs.scatter_add_(1, t_blk, probs.new_full(t_blk.shape, smoothing - 1.0))
+                grad_p = probs.to(compute_dtype)
+                if grad_h is not None:
+                    torch.mm(grad_p, w, out=grad_h[start : start + block_rows])
+                if grad_wb is None:
+                    pass
+                elif compute_dtype == torch.float32:
+                    grad_wb.addmm_(grad_p.t(), h_blk)
+                else:  # accumulated over blocks in fp32
+                    grad_wb += grad_p.t() @ h_blk
+            # the rank-one terms of the docstring
+            h_sum = h_aug.sum(0, dtype=torch.float32)  # (width,), 1 at the bias column: N
+            logit_sum = h_sum @ w_aug.sum(0, dtype=torch.float32)
+            loss = (1.0 - smoothing) * nll + smoothing * lse - smoothing / v * logit_sum
+            if grad_wb is not None and smoothing:
+                grad_wb -= smoothing / v * h_sum
+            shift = smoothing / v * w.sum(0, dtype=torch.float32) if need_h and smoothing else None
+        ctx.grad_h, ctx.grad_h_shift = grad_h, shift
+        ctx.grad_w = None if grad_wb is None or not need_w else grad_wb[:, :d]
+        ctx.grad_b = None if grad_wb is None or not need_b else grad_wb[:, d]
+        ctx.rows = None if all_rows else rows
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(nll)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor, grad_nll: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.grad_h is not None:
+            grad_h = ctx.grad_h if ctx.grad_h_shift is None else ctx.grad_h - ctx.grad_h_shift
+            grad_h = (grad_h * grad_loss).to(ctx.hidden_dtype)
+            if ctx.rows is None:
+                grad_hidden = grad_h
+            else:
+                grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, ctx.rows, grad_h)
+        if ctx.grad_w is not None:
+            grad_weight = (ctx.grad_w * grad_loss).to(ctx.weight_dtype)
+        if ctx.grad_b is not None:
+            grad_bias = (ctx.grad_b * grad_loss).to(ctx.bias_dtype)
+        ctx.grad_h = ctx.grad_w = ctx.grad_b = None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def fused_linear_smoothed_nll(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    pad_id: int,
+    smoothing: float = 0.0,
+    column_of: Tensor | None = None,
+    block_rows: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`label_smoothed_nll(F.linear(hidden, weight, bias), ...)` without the (B, T, V) logits.
+
+    The projection and the loss run over blocks of `block_rows` non-padding positions, and
+    the gradients wrt `hidden`, `weight` and `bias` are computed in the forward pass (see
+    `_FusedLinearSmoothedNLL`). Under autocast the products run in the autocast dtype, as
+    `F.linear` would, and the log-softmax in fp32; the weight and bias gradients are
+    accumulated in fp32.
+
+    Args:
+        hidden: (B, T, D) the vectors the output matrix multiplies.
+        weight: (V, D) output matrix, one row per logit column; bias: (V,) or None.
+        target: (B, T) long, tgt_out (y + EOS), `pad_id` on padding.
+        pad_id: positions holding it contribute nothing.
+        smoothing: in [0, 1), spread uniformly over the V columns.
+        column_of: (V_all,) long, the row of `weight` of each token id when the output covers
+            only part of the vocabulary (`Seq2Seq.column_of`); None when rows are ids.
+        block_rows: positions per block; memory for the logits is block_rows x V.
+    Returns:
+        loss_sum (0-dim fp32, differentiable), nll_sum (0-dim fp32, detached) and n_tokens
+        (0-dim long), as `label_smoothed_nll`.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be positive, got {block_rows}")
+    assert hidden.shape[:-1] == target.shape, (hidden.shape, target.shape)
+    assert weight.dim() == 2 and weight.size(1) == hidden.size(-1), (weight.shape, hidden.shape)
+    flat_hidden = hidden.reshape(-1, hidden.size(-1))  # (N, D)
+    flat_target = target.reshape(-1)  # (N,)
+    keep = flat_target != pad_id
+    rows = keep.nonzero().squeeze(1)  # (N_kept,)
+    columns = flat_target.index_select(0, rows)
+    if column_of is not None:
+        columns = column_of[columns]
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    loss, nll = _FusedLinearSmoothedNLL.apply(
+        flat_hidden, weight, bias, rows, columns, smoothing, compute_dtype, block_rows
+    )
+    return loss, nll.detach(), keep.sum()

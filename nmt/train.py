@@ -26,9 +26,16 @@ from torch import Tensor, nn
 
 from nmt import checkpoint as ckpt
 from nmt.config import Config, TrainConfig, save_config
-from nmt.data import Batch, EncodedCorpus, TokenBatchSampler
+from nmt.data import (
+    DEFAULT_MAX_BUCKETS,
+    DEFAULT_PAD_TO_MULTIPLE,
+    Batch,
+    Buckets,
+    EncodedCorpus,
+    TokenBatchSampler,
+)
 from nmt.ema import WeightEMA
-from nmt.loss import label_smoothed_nll
+from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.schedule import BUDGET_SCHEDULES, learning_rate
 from nmt.tokenizer import Tokenizer
@@ -124,15 +131,25 @@ def scheduled_sampling_logits(
 def forward_loss(
     model: nn.Module, batch: Batch, cfg: TrainConfig, pad_id: int, ss_prob: float
 ) -> tuple[Tensor, Tensor, int]:
-    """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch."""
+    """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch.
+
+    Without scheduled sampling the output projection and the loss run fused, block by block,
+    and the (B, T, V) logits are never built. The model is still called through `model`, so
+    that a DistributedDataParallel wrapper prepares its gradient sync for this forward; the
+    output matrix it multiplies comes from the wrapped module.
+    """
     inner = cast(Seq2Seq, getattr(model, "module", model))
     if ss_prob > 0:
         logits = scheduled_sampling_logits(inner, batch, ss_prob)
+        loss, nll, n_tokens = label_smoothed_nll(
+            logits, batch.tgt_out, pad_id, cfg.label_smoothing, inner.column_of
+        )
     else:
-        logits = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in)
-    loss, nll, n_tokens = label_smoothed_nll(
-        logits, batch.tgt_out, pad_id, cfg.label_smoothing, inner.column_of
-    )
+        features = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in, features=True)
+        weight, bias = inner.output_weights()
+        loss, nll, n_tokens = fused_linear_smoothed_nll(
+            features, weight, bias, batch.tgt_out, pad_id, cfg.label_smoothing, inner.column_of
+        )
     return loss, nll, int(n_tokens)
 
 
@@ -214,9 +231,12 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.precision == "fp16"))
         self.ema = WeightEMA(self.model, tc.ema_decay) if tc.ema_decay > 0 else None
+        buckets = self.cfg.data.max_buckets
         self.sampler = TokenBatchSampler(self.train_data.src_lengths, self.train_data.tgt_lengths,
                                          tc.batch_tokens, seed=tc.seed, rank=self.info.rank,
-                                         world_size=self.info.world_size)  # fmt: skip
+                                         world_size=self.info.world_size,
+                                         pad_to_multiple=None if buckets else DEFAULT_PAD_TO_MULTIPLE,
+                                         max_buckets=buckets or DEFAULT_MAX_BUCKETS)  # fmt: skip
         self.train_model: nn.Module = self.model
         if self.info.world_size > 1:
             self.train_model = nn.parallel.DistributedDataParallel(self.model)
@@ -312,7 +332,8 @@ class Trainer:
             group["lr"] = self.lr
         loss_sum, nll_sum, n_tokens = _accumulate(self.train_model, micro, self.train_data,
                                                   self.tokenizer, tc, self.device, self.precision,
-                                                  self.scaler, info, ss_prob)  # fmt: skip
+                                                  self.scaler, info, ss_prob,
+                                                  self.sampler.buckets)  # fmt: skip
         total_tokens = all_reduce_sum(float(n_tokens), info)
         finite = all_reduce_sum(float(math.isfinite(loss_sum)), info) == info.world_size
         loop.sampler = self.sampler.state_dict()
@@ -344,12 +365,12 @@ class Trainer:
     def _tick(self) -> None:
         """Advances the training clock (the ranks agree on it) and the progress bar."""
         now = self.clock()
-        before = self.loop.elapsed
-        self.loop.elapsed = all_reduce_max(before + now - self._last_tick, self.info)
+        self.loop.elapsed = all_reduce_max(self.loop.elapsed + now - self._last_tick, self.info)
         self._last_tick = now
         if self.bar is not None:
-            if self.tc.max_minutes > 0:
-                self.bar.update((self.loop.elapsed - before) / 60)
+            if self.tc.max_minutes > 0:  # the bar is over the budget's minutes
+                shown = min(self.loop.elapsed / 60, self.tc.max_minutes)
+                self.bar.update(max(shown - self.bar.n, 0.0))
             else:
                 self.bar.update(self.loop.step - self.bar.n)
 
@@ -618,12 +639,14 @@ def _accumulate(
     scaler: torch.amp.GradScaler,
     info: DistInfo,
     ss_prob: float,
+    padding: Buckets,
 ) -> tuple[float, float, int]:
     """Forward and backward over the micro-batches of one step; gradients are sums over tokens."""
     loss_total = nll_total = 0.0
     tokens = 0
     for i, idx in enumerate(micro):
-        batch = data.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
+        batch = data.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
+                           padding=padding).to(device)  # fmt: skip
         sync = i == len(micro) - 1 or info.world_size == 1
         ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:

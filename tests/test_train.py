@@ -110,18 +110,19 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(
 ):
     import nmt.train as train_module
 
-    real = train_module.label_smoothed_nll
+    # the training step's loss (the output projection fused with it) turns NaN at step 3
+    real = train_module.fused_linear_smoothed_nll
     calls = {"n": 0}
 
-    def poisoned(logits, target, pad_id, smoothing, column_of=None):
-        loss, nll, n = real(logits, target, pad_id, smoothing, column_of)
-        if logits.requires_grad:
+    def poisoned(features, weight, bias, target, pad_id, smoothing, column_of=None):
+        loss, nll, n = real(features, weight, bias, target, pad_id, smoothing, column_of)
+        if features.requires_grad:
             calls["n"] += 1
             if calls["n"] == 3:
                 return loss * float("nan"), nll, n
         return loss, nll, n
 
-    monkeypatch.setattr(train_module, "label_smoothed_nll", poisoned)
+    monkeypatch.setattr(train_module, "fused_linear_smoothed_nll", poisoned)
     with pytest.raises(TrainingError, match="step 3"):
         train(
             tiny_cfg(toy_translation_dir, "train.max_steps=10"), tmp_path / "stop", progress=False

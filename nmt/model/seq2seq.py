@@ -134,10 +134,10 @@ class Seq2Seq(nn.Module):
         = `num_outputs` columns (see `set_output_vocab`)."""
         if self.out_proj is not None:
             out = self.out_proj(out)
-        weight, bias = self._output_weights()
+        weight, bias = self.output_weights()
         return F.linear(out, weight, bias)
 
-    def _output_weights(self) -> tuple[Tensor, Tensor]:
+    def output_weights(self) -> tuple[Tensor, Tensor]:
         """The output matrix and bias, restricted to the output vocabulary's rows.
 
         Without gradients (decoding) the restricted rows are gathered, and cast to the autocast
@@ -174,17 +174,44 @@ class Seq2Seq(nn.Module):
         memory = EncoderMemory(enc_out, src_mask, keys)
         return memory, self.decoder.init_state(final, src.size(1))
 
+    def _teacher_forced(
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Decoder output vectors (B, T, H) and attention (B, T, S) under teacher forcing."""
+        memory, state = self.encode(src, src_lengths, src_mask)
+        emb = self.embed_dropout(self.target_embedding(tgt_in))  # (B, T, E)
+        return self.decoder(emb, state, memory)
+
     def forward_with_attention(
         self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Teacher forcing. tgt_in: (B, T) = BOS + y. Returns logits (B, T, V), attn (B, T, S)."""
-        memory, state = self.encode(src, src_lengths, src_mask)
-        emb = self.embed_dropout(self.target_embedding(tgt_in))  # (B, T, E)
-        out, attn = self.decoder(emb, state, memory)  # (B, T, H), (B, T, S)
+        out, attn = self._teacher_forced(src, src_lengths, src_mask, tgt_in)
         return self.output_logits(out), attn  # the projection runs once over all positions
 
-    def forward(self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
-        """Teacher forcing on the fastest correct path. Returns logits (B, T, V)."""
+    def features(
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
+    ) -> Tensor:
+        """Teacher forcing up to, not including, the output matrix: (B, T, D) vectors with
+        logits = F.linear(features, *self.output_weights()). D is the embedding width where
+        `out_proj` maps the decoder output to it, else the decoder's output width. For a loss
+        fused with the projection (`nmt.loss.fused_linear_smoothed_nll`)."""
+        out = self._teacher_forced(src, src_lengths, src_mask, tgt_in)[0]  # (B, T, H)
+        return out if self.out_proj is None else self.out_proj(out)
+
+    def forward(
+        self,
+        src: Tensor,
+        src_lengths: Tensor,
+        src_mask: Tensor,
+        tgt_in: Tensor,
+        features: bool = False,
+    ) -> Tensor:
+        """Teacher forcing on the fastest correct path. Returns logits (B, T, V), or with
+        `features` the output matrix's inputs (B, T, D) instead (see `features`): a wrapper
+        such as DistributedDataParallel must see the forward it syncs gradients for."""
+        if features:
+            return self.features(src, src_lengths, src_mask, tgt_in)
         return self.forward_with_attention(src, src_lengths, src_mask, tgt_in)[0]
 
     def decode_step(
