@@ -477,7 +477,8 @@ class Trainer:
         self._postfix()
         self.save("validation")
         self._tick()
-        self.window_start = self._last_tick
+        # the logging window's tokens/s counts training time only, not this validation's
+        self.window_start += self._last_tick - start
         return tc.early_stopping > 0 and loop.bad_validations >= tc.early_stopping
 
     def save(self, reason: str) -> None:
