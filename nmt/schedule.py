@@ -17,6 +17,17 @@ import math
 from nmt.config import TrainConfig
 
 BUDGET_SCHEDULES = ("linear", "cosine")
+MAX_WARMUP_SHARE = 0.1  # under a time budget, warm-up ends by this share of it at the latest
+
+
+def warmup_done(step: int, elapsed: float, cfg: TrainConfig) -> bool:
+    """Whether warm-up is over before `step` (1-based): after `warmup_steps` steps, or, for a
+    budget schedule with a deadline, once 10% of the budget has passed (so that a short budget
+    on a slow machine is not spent warming up)."""
+    if step >= cfg.warmup_steps:
+        return True
+    budgeted = cfg.schedule in BUDGET_SCHEDULES and cfg.max_minutes > 0
+    return budgeted and elapsed >= MAX_WARMUP_SHARE * cfg.max_minutes * 60
 
 
 def budget_progress(
@@ -53,7 +64,9 @@ def learning_rate(
     training clock (`elapsed` seconds) and the clock at the end of warm-up.
     """
     warm = cfg.warmup_steps
-    if warm > 0 and step < warm:
+    if warm > 0 and step < warm and not warmup_done(step, elapsed, cfg):
+        if cfg.schedule in BUDGET_SCHEDULES and cfg.max_minutes > 0:
+            return cfg.lr * max(step / warm, elapsed / (MAX_WARMUP_SHARE * cfg.max_minutes * 60))
         return cfg.lr * step / warm * plateau_scale
     if cfg.schedule in BUDGET_SCHEDULES:
         progress = budget_progress(step, elapsed, warmup_seconds, cfg)

@@ -37,7 +37,7 @@ from nmt.data import (
 from nmt.ema import WeightEMA
 from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
-from nmt.schedule import BUDGET_SCHEDULES, learning_rate
+from nmt.schedule import BUDGET_SCHEDULES, learning_rate, warmup_done
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card, plot_curves
 from nmt.train_state import (
@@ -357,7 +357,7 @@ class Trainer:
         self.window_nll += all_reduce_sum(nll_sum, info)
         self.window_tokens += total_tokens
         self._tick()
-        if loop.warmup_seconds is None and loop.step >= tc.warmup_steps:
+        if loop.warmup_seconds is None and warmup_done(loop.step, loop.elapsed, tc):
             loop.warmup_seconds = loop.elapsed
             self._log_plan()
         return True

@@ -13,7 +13,7 @@ from torch import nn
 from nmt import checkpoint as ckpt
 from nmt.config import ConfigError, load_config
 from nmt.ema import WeightEMA
-from nmt.schedule import learning_rate
+from nmt.schedule import learning_rate, warmup_done
 from nmt.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +66,20 @@ def test_budget_schedule_peaks_after_warmup_and_reaches_the_floor_at_the_deadlin
                                "train.min_lr=0"]).train  # fmt: skip
     assert learning_rate(1100, steps) == pytest.approx(0.0)  # no budget: max_steps is the end
     assert learning_rate(600, steps) == pytest.approx(0.001)
+
+
+def test_warmup_under_a_budget_ends_by_a_tenth_of_it_on_a_slow_machine():
+    tc = load_config(TINY, ["train.schedule=linear", "train.max_minutes=1", "train.max_steps=0",
+                            "train.warmup_steps=1000", "train.lr=0.002"]).train  # fmt: skip
+    assert not warmup_done(10, 3.0, tc) and warmup_done(10, 6.0, tc)
+    assert learning_rate(10, tc, elapsed=3.0) == pytest.approx(0.001)  # half of the 6 s
+    assert learning_rate(10, tc, elapsed=6.0) == pytest.approx(0.002)  # the peak, then decay
+    assert learning_rate(11, tc, elapsed=33.0, warmup_seconds=6.0) == pytest.approx(
+        tc.min_lr + (0.002 - tc.min_lr) / 2
+    )
+    steps = load_config(TINY, ["train.schedule=linear", "train.max_steps=5000",
+                               "train.warmup_steps=1000", "train.lr=0.002"]).train  # fmt: skip
+    assert learning_rate(10, steps, elapsed=1e6) == pytest.approx(0.00002)  # no clock: steps
 
 
 def test_budget_schedule_needs_an_end_and_ema_decay_is_checked():
