@@ -30,6 +30,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
             [r["step"] for r in valid], [r["dev_nll"] for r in valid], "o-", label="dev NLL/token"
         )
         ax_bleu.plot([r["step"] for r in valid], [r["dev_bleu"] for r in valid], "o-", color="C2")
+    if train and all("lr" in r for r in train):  # the schedule, on its own axis
+        ax_lr = ax_loss.twinx()
+        ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], ":", color="C7",
+                   label="learning rate")  # fmt: skip
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_ylim(bottom=0)
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend()
