@@ -84,11 +84,6 @@ class Batch:
         )
 
 
-def round_up(length: int, multiple: int) -> int:
-    """`length` rounded up to a multiple of `multiple` (1 leaves it as is)."""
-    return -(-length // multiple) * multiple
-
-
 @dataclass(frozen=True)
 class Buckets:
     """The lengths a batch is padded to: up to the next boundary, past the last one to a multiple.

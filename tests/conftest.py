@@ -19,10 +19,11 @@ from __future__ import annotations
 import itertools
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from nmt.config import TokenizerConfig
 from nmt.corpus import write_corpus
@@ -183,3 +184,12 @@ def tiny_model_dir(toy_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -
     run = tmp_path_factory.mktemp("tiny-run")
     train(cfg, run, progress=False)
     return run / "model"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test, so tolerance checks do not depend on thread splits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,7 +25,6 @@ from nmt.data import (
     drop_codes,
     iterate_batches,
     optimal_boundaries,
-    round_up,
 )
 from nmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -51,7 +50,7 @@ def test_collate_rounds_padded_lengths_up() -> None:
     batch = collate([([5] * 9, [6] * 7)], [0], PAD_ID, BOS_ID, EOS_ID, padding=8)
     assert batch.src.shape == (1, 16) and batch.tgt_in.shape == (1, 8)  # 9 -> 16, 7 + 1 -> 8
     assert batch.src_mask.sum().item() == 9 and batch.num_tgt_tokens == 8
-    assert round_up(17, 8) == 24 and round_up(16, 8) == 16 and round_up(5, 1) == 5
+    assert [Buckets(multiple=m).pad_length(n) for n, m in [(17, 8), (16, 8), (5, 1)]] == [24, 16, 5]
 
 
 def test_collate_pads_up_to_the_next_bucket_boundary() -> None:
@@ -218,8 +217,9 @@ def random_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def padded_tokens(
     batch: list[int], src: np.ndarray, tgt: np.ndarray, multiple: int
 ) -> tuple[int, int]:
-    s = round_up(int(src[batch].max()), multiple)
-    t = round_up(int(tgt[batch].max()) + 1, multiple)
+    padding = Buckets(multiple=multiple)
+    s = padding.pad_length(int(src[batch].max()))
+    t = padding.pad_length(int(tgt[batch].max()) + 1)
     return len(batch) * s, len(batch) * t
 
 

@@ -4,7 +4,6 @@ saved weights, search and training."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,7 @@ UNK = 1
 KEPT = [UNK, EOS, 4, 6, 7, 9, 12, 15]  # the "target side": a subset of the 16 ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def restricted_model(seed: int = 0, ids: list[int] = KEPT) -> Seq2Seq:

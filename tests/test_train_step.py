@@ -3,7 +3,6 @@ gradients of every parameter, in fp32 and under bf16 autocast, with and without 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,13 +12,7 @@ from test_model import PAD, make_model, toy_batch
 from nmt.loss import label_smoothed_nll
 from nmt.model import Seq2Seq
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_step(
