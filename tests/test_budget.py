@@ -89,6 +89,12 @@ def test_budget_schedule_needs_an_end_and_ema_decay_is_checked():
         load_config(TINY, ["train.ema_decay=1.5"])
     with pytest.raises(ConfigError, match="train.average_last"):
         load_config(TINY, ["train.average_last=9", "train.keep_checkpoints=3"])
+    with pytest.raises(ConfigError, match="train.valid_every_minutes"):
+        load_config(TINY, ["train.valid_every_minutes=-1"])
+    with pytest.raises(ConfigError, match="data.max_buckets"):
+        load_config(TINY, ["data.max_buckets=-2"])
+    with pytest.raises(ConfigError, match="train.min_lr"):
+        load_config(TINY, ["train.min_lr=0.1", "train.lr=0.01"])
 
 
 def test_budgeted_run_decays_to_the_floor_exactly_when_the_clock_runs_out(
