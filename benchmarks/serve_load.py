@@ -149,15 +149,15 @@ def run_level(load: Load, processes: int) -> tuple[list[float], int, float]:
 
 
 def run_mode(args: argparse.Namespace, batching: bool, sentences: list[str]) -> list[LevelResult]:
-    env = {
+    env: dict[str, str | None] = {
         "NMT_BATCHING": "true" if batching else "false",
         "NMT_BATCH_WAIT_MS": str(args.batch_wait_ms),
         "NMT_BATCH_TOKENS": str(args.batch_tokens),
         "NMT_MAX_QUEUE": "100000",
         "NMT_REQUEST_TIMEOUT_S": "120",
         "NMT_TORCH_THREADS": str(args.torch_threads),
-        "NMT_API_KEYS": "",
-        "NMT_API_KEYS_FILE": "",
+        "NMT_API_KEYS": None,  # no auth, whatever the caller's environment says
+        "NMT_API_KEYS_FILE": None,
     }
     options = (("beam_size", args.beam_size),) if args.beam_size else ()
     results = []
@@ -217,7 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="on,off", help="batching modes to run: on, off or both")
     p.add_argument("--texts-per-request", type=int, default=1)
     p.add_argument("--beam-size", type=int, default=None, help="default: the model's")
-    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument(
+        "--batch-tokens", type=int, default=16384, help="work per batch: source x texts x beams"
+    )
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument(
         "--client-processes",

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from nmt.corpus import CorpusError, choose_holdout, prepare_corpus
+from nmt.corpus import CorpusError, as_text, choose_holdout, prepare_corpus
 
 SPLIT_NAMES = {"train": "train", "validation": "dev", "valid": "dev", "dev": "dev", "test": "test"}
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
@@ -92,6 +92,10 @@ def load_splits(
         raise CorpusError(f"cannot load '{name}': {err}") from err
     except ValueError as err:  # e.g. a config name is required: the message lists them
         raise CorpusError(f"cannot load '{name}': {err}") from err
+    except Exception as err:  # datasets fails on some empty inputs with IndexError, StopIteration
+        raise CorpusError(
+            f"cannot load '{name}' (empty or damaged?): {type(err).__name__} {err}"
+        ) from err
     if isinstance(loaded, datasets.Dataset):
         return {"train": loaded}
     return dict(loaded)
@@ -103,6 +107,8 @@ def _load_local(path: Path, config: str | None, cache_dir: str | None) -> Any:
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json")):
         return datasets.load_from_disk(str(path))
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise CorpusError(f"{path} is empty")
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise CorpusError(
@@ -136,24 +142,34 @@ def check_languages(dataset: Any, src: str, tgt: str, where: str) -> None:
 
 
 def iter_pairs(
-    dataset: Any, src: str, tgt: str, batch_size: int = 1000
+    dataset: Any, src: str, tgt: str, batch_size: int = 1000, where: str = "dataset"
 ) -> Iterator[tuple[str, str]]:
-    """Streams (source, target) pairs of one split, a batch of rows at a time."""
-    check_languages(dataset, src, tgt, "dataset")
+    """Streams (source, target) pairs of one split, a batch of rows at a time.
+
+    Raises:
+        CorpusError: a language is missing, or a value is not text (`where`, the row counted
+            from 0 and the field named); a missing value (None) is read as empty text.
+    """
+    check_languages(dataset, src, tgt, where)
     nested = "translation" in dataset.column_names
+    prefix = "translation." if nested else ""
+    row = 0
     for batch in dataset.iter(batch_size=batch_size):
         if nested:
-            for record in batch["translation"]:
-                yield record.get(src) or "", record.get(tgt) or ""
+            pairs = [(r.get(src), r.get(tgt)) for r in batch["translation"]]
         else:
-            for s, t in zip(batch[src], batch[tgt], strict=True):
-                yield s or "", t or ""
+            pairs = list(zip(batch[src], batch[tgt], strict=True))
+        for s, t in pairs:
+            at = f"{where}, row {row}, field '{prefix}"
+            yield as_text(s, f"{at}{src}'"), as_text(t, f"{at}{tgt}'")
+            row += 1
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
     """Writes the corpus folder; returns the manifest."""
     loaded = load_splits(args.name, args.config, args.cache_dir)
     splits: dict[str, Any] = {}
+    where: dict[str, str] = {}  # our split name -> how errors name the dataset's split
     for name, dataset in loaded.items():
         ours = SPLIT_NAMES.get(name.lower(), re.sub(r"[^A-Za-z0-9_-]", "_", name))
         check_languages(dataset, args.src, args.tgt, f"'{args.name}' split {name}")
@@ -161,6 +177,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             logging.warning("ignoring split %r: another split already became %r", name, ours)
             continue
         splits[ours] = dataset
+        where[ours] = f"'{args.name}' split {name}"
     if "train" not in splits:
         raise CorpusError(f"'{args.name}' has no train split; it has: {', '.join(loaded)}")
     train = splits.pop("train")
@@ -175,8 +192,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         args.out,
         args.src,
         args.tgt,
-        iter_pairs(train, args.src, args.tgt),
-        {name: iter_pairs(ds, args.src, args.tgt) for name, ds in splits.items()},
+        iter_pairs(train, args.src, args.tgt, where=where["train"]),
+        {
+            name: iter_pairs(ds, args.src, args.tgt, where=where[name])
+            for name, ds in splits.items()
+        },
         source=f"Hugging Face dataset {args.name}" + (f" ({args.config})" if args.config else ""),
         holdout=held,
         max_chars=args.max_chars,

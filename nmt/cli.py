@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "decays to train.min_lr when the time is up), validates every "
                        "train.valid_every_minutes, and ships the best on dev BLEU of the last "
                        "weights, the average of the last train.average_last checkpoints and the "
-                       "moving average of the weights (train.ema_decay).")  # fmt: skip
+                       "moving average of the weights (train.ema_decay). SIGTERM or SIGINT "
+                       "stops it with a checkpoint of the step reached (exit status 143 or 130); "
+                       "a checkpoint is also written every train.save_every_minutes; --resume "
+                       "continues.")  # fmt: skip
     p.add_argument("--config", type=Path, required=True, help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.max_minutes=20 (repeatable)")  # fmt: skip
@@ -102,13 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     p.add_argument("--quantize", action="store_true")
     p.add_argument("--device", default=None)
+    p.add_argument("--wait-for-model", type=float, default=None, metavar="SECONDS",
+                   help="if the model fails to load, keep serving (ready 503) and retry every "
+                   "SECONDS instead of exiting with an error (NMT_LOAD_RETRY_S)")  # fmt: skip
 
-    p = sub.add_parser("average", help="average the last K checkpoints of a run into one model")
+    p = sub.add_parser("average", help="average the last K checkpoints of a run into one model",
+                       description="Average the weights of the run's last K checkpoints into a "
+                       "model directory and score it on the run's dev split the way training "
+                       "validates; without the dev split its model card says it is unscored.")  # fmt: skip
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--last", type=int, default=5, help="number of checkpoints (default 5)")
     p.add_argument(
         "--out", type=Path, default=None, help="output model dir (default RUN_DIR/model-avg)"
     )
+    p.add_argument("--device", default="cpu", help="device for dev scoring (default: cpu)")
+    p.add_argument("--no-score", action="store_true", help="skip dev scoring (left unscored)")
 
     p = sub.add_parser("info", help="parameter counts of a config or a model directory")
     g = p.add_mutually_exclusive_group(required=True)
@@ -149,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nmt.config import load_config
-    from nmt.train import TrainingError, train
+    from nmt.train import TrainingError, TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.name
@@ -159,6 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingError as err:
         print(f"nmt train: error: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as stop:  # SIGTERM / SIGINT, after a checkpoint: 143 / 130
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"nmt train: {stop}", file=sys.stderr)
+        return stop.exit_code
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"stopped ({result.stopped_because}) at step {result.step}, epoch {result.epoch}; "
               f"best dev BLEU {result.best_bleu:.2f}")  # fmt: skip
@@ -169,10 +184,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- translate -----------------------------------------------------------------------------------
 
 
-def _read_chunks(stream: IO[str], size: int) -> Iterator[list[str]]:
+def _read_chunks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
-    for line in stream:
-        chunk.append(line.rstrip("\n"))
+    for line in lines:
+        chunk.append(line)
         if len(chunk) >= size:
             yield chunk
             chunk = []
@@ -188,11 +203,13 @@ def _load_translator(args: argparse.Namespace) -> Any:
 
 
 def cmd_translate(args: argparse.Namespace) -> int:
+    from nmt.corpus import iter_lines, read_lines
     from nmt.translate import translate_corpus, word_alignment
 
     translator = _load_translator(args)
     want_attention = args.alignments or args.plot_attention is not None
-    source: IO[str] = open(args.input, encoding="utf-8") if args.input else sys.stdin  # noqa: SIM115
+    # lines split as training data's are (at "\n" only), so output line N answers input line N
+    source = read_lines(args.input) if args.input else iter_lines(sys.stdin.buffer, "<stdin>")
     out: IO[str] = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     line_no = 0
     try:
@@ -225,9 +242,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
                     out.write(r.text + "\n")
             out.flush()
             line_no += len(chunk)
-    finally:
-        if args.input:
-            source.close()
+    finally:  # the input file closes with its reader
         if args.output:
             out.close()
     return 0
@@ -290,28 +305,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    """Serves until SIGTERM/SIGINT; exits 1 when the model cannot be loaded (unless waiting)."""
 
     from nmt.checkpoint import read_model_dir
 
-    read_model_dir(args.model)  # fail here, with a clear message, not inside the server
+    if args.wait_for_model is None:
+        read_model_dir(args.model)  # fail here, with a clear message, not inside the server
     os.environ["NMT_MODEL_DIR"] = str(args.model)
     for name, value in (("NMT_PRECISION", args.precision), ("NMT_DEVICE", args.device)):
         if value:
             os.environ[name] = value
     if args.quantize:
         os.environ["NMT_QUANTIZE"] = "1"
+    if args.wait_for_model is not None:
+        os.environ["NMT_LOAD_RETRY_S"] = str(args.wait_for_model)
     print(f"serving {args.model} on http://{args.host}:{args.port}/  (API docs at /docs)")
-    uvicorn.run("serve.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="info")  # fmt: skip
-    return 0
+    # the service lives beside this package (it uses nmt, not the other way round)
+    from serve.app import run_server
+
+    return run_server(args.host, args.port, args.workers)
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    import shutil
-
     from nmt import checkpoint as ckpt
+    from nmt.validate import write_averaged_model
 
+    if args.last < 1:
+        raise ValueError(f"--last must be at least 1, got {args.last}")
     dirs = ckpt.checkpoint_dirs(args.run_dir)
     if len(dirs) < 1:
         raise ckpt.CheckpointError(f"{args.run_dir} has no checkpoints to average")
@@ -322,13 +342,14 @@ def cmd_average(args: argparse.Namespace) -> int:
     source_model = args.run_dir / "model"
     if not source_model.is_dir():
         raise ckpt.CheckpointError(f"{source_model} is missing; the run has no model directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in source_model.iterdir():
-        if f.is_file() and f.name != ckpt.MODEL_FILE:
-            shutil.copyfile(f, out / f.name)
-    weights = ckpt.average_checkpoints(chosen)
-    ckpt.save_averaged(weights, out / ckpt.MODEL_FILE)
-    print(f"averaged {', '.join(d.name for d in chosen)} into {out}")
+    meta = write_averaged_model(args.run_dir, chosen, out, args.device, score=not args.no_score)
+    scores = meta["scores"]
+    result = (
+        f"dev BLEU {scores['dev_bleu']:.2f}, chrF {scores['dev_chrf']:.2f}"
+        if "dev_bleu" in scores
+        else "unscored"
+    )
+    print(f"averaged {', '.join(d.name for d in chosen)} into {out} ({result})")
     return 0
 
 

@@ -129,6 +129,10 @@ class TrainConfig:
     test_at_end: bool = True  # score the corpus's test split once, for the model card only
     log_every: int = 50
     keep_checkpoints: int = 5
+    # also checkpoint on the training clock, so a kill -9 or a power cut loses at most this much
+    # work (SIGTERM and SIGINT always save first); 0: only at validations. Such a checkpoint is
+    # deleted when the next one is written, so it never displaces a validated one.
+    save_every_minutes: float = 5.0
     # the shipped model is the best on dev BLEU of: the best validated weights, the last ones, the
     # average of the last `average_last` checkpoints (0: not tried) and the moving average of the
     # weights with this decay (0: not kept)
@@ -392,6 +396,10 @@ def validate(cfg: Config) -> None:
     _check(cfg.data.max_buckets >= 0, "data.max_buckets must be >= 0 (0: multiples of 8)")
     tc = cfg.train
     _check(tc.valid_every_minutes >= 0, "train.valid_every_minutes must be >= 0")
+    _check(
+        tc.save_every_minutes >= 0,
+        f"train.save_every_minutes must be >= 0 (0: only at validations), got {tc.save_every_minutes}",
+    )
     _check(0.0 <= tc.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")
     _check(
         0 <= tc.average_last <= tc.keep_checkpoints,

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def read_lines(path: str | Path) -> Iterator[str]:
     path = require_file(path)
     done = 0  # lines yielded so far
     rest = b""
-    with path.open("rb") as f:
+    with path.open("rb") as f:  # binary: Python's text mode would also split at a lone "\r"
         while block := f.read(_BLOCK):
             block = rest + block
             cut = block.rfind(b"\n")
@@ -72,7 +72,20 @@ def read_lines(path: str | Path) -> Iterator[str]:
 _BLOCK = 1 << 22
 
 
-def _decode_lines(path: Path, block: bytes, done: int) -> list[str]:
+def iter_lines(stream: IO[bytes], name: str | Path) -> Iterator[str]:
+    """Yields the lines of a binary stream (stdin, a pipe) exactly as `read_lines` reads a file,
+    each one as soon as it has arrived (`read_lines` reads large blocks, which suits files).
+
+    Args:
+        name: what to call the stream in errors, e.g. "<stdin>".
+    Raises:
+        CorpusError: a line is not valid UTF-8 (its number named).
+    """
+    for done, raw in enumerate(stream):  # a binary stream's lines end at b"\n" only
+        yield _decode_lines(name, raw[:-1] if raw.endswith(b"\n") else raw, done)[0]
+
+
+def _decode_lines(path: str | Path, block: bytes, done: int) -> list[str]:
     """Decodes complete lines (joined by "\\n", the last one without it) in one go."""
     try:
         lines = block.decode("utf-8").split("\n")
@@ -126,22 +139,48 @@ def read_parallel(src_path: str | Path, tgt_path: str | Path) -> Iterator[tuple[
         yield src, tgt  # type: ignore[misc]
 
 
-def read_tsv(path: str | Path, src_col: int = 0, tgt_col: int = 1) -> Iterator[tuple[str, str]]:
-    """Streams pairs from a tab-separated file (no quoting; columns counted from 0).
+def require_pairs(src_path: str | Path, tgt_path: str | Path) -> None:
+    """Checks that a file pair holds a pair with text on both sides, reading only up to the first.
 
     Raises:
-        CorpusError: invalid UTF-8, or a line with too few columns (file, line and count named).
+        CorpusError: it holds none (both files and the line count named), or see `read_parallel`.
     """
-    need = max(src_col, tgt_col) + 1
+    lines = 0
+    for src, tgt in read_parallel(src_path, tgt_path):
+        if src.strip() and tgt.strip():
+            return
+        lines += 1
+    what = "are empty" if lines == 0 else f"have {lines} lines but none with text on both sides"
+    raise CorpusError(f"no sentence pairs: {src_path} and {tgt_path} {what}")
+
+
+def read_tsv(
+    path: str | Path, src_col: int = 0, tgt_col: int = 1, columns: int | None = None
+) -> Iterator[tuple[str, str]]:
+    """Streams pairs from a tab-separated file (no quoting; columns counted from 0).
+
+    Every line must have exactly `columns` columns, so a tab inside a sentence is an error rather
+    than a silently cut sentence.
+
+    Args:
+        columns: the number of columns of every line; default: max(src_col, tgt_col) + 1.
+    Raises:
+        CorpusError: invalid UTF-8, or a line with another number of columns (file, line and
+            count named).
+    """
+    need = max(src_col, tgt_col) + 1 if columns is None else columns
+    if need <= max(src_col, tgt_col):
+        raise CorpusError(f"{path}: columns={columns} leaves no column {max(src_col, tgt_col)}")
     for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             yield "", ""  # keep the line so that filters count it as empty
             continue
         cols = line.split("\t")
-        if len(cols) < need:
+        if len(cols) != need:
+            hint = "; a tab inside a sentence cannot be told from a separator"
             raise CorpusError(
                 f"{path}: line {number} has {len(cols)} tab-separated column(s), "
-                f"expected at least {need}"
+                f"expected {need}{hint if len(cols) > need else ''}"
             )
         yield cols[src_col], cols[tgt_col]
 
@@ -153,8 +192,9 @@ def read_jsonl(
     (the Hugging Face schema) or `{lang: ...}`; the last two need `src_lang` and `tgt_lang`.
 
     Raises:
-        CorpusError: invalid UTF-8 or JSON, or a record without the wanted fields (file, line
-            and the keys that do exist named).
+        CorpusError: invalid UTF-8 or JSON, JSON nested too deeply or with a number too long to
+            read, or a record without the wanted fields or whose fields are not text (file,
+            line, field and the keys that do exist named).
     """
     for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
@@ -164,6 +204,11 @@ def read_jsonl(
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise CorpusError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise CorpusError(f"{path}: line {number} is JSON nested too deeply") from None
+        except ValueError as err:  # an integer of more digits than Python converts
+            reason = str(err).split(";")[0]
+            raise CorpusError(f"{path}: line {number} cannot be read as JSON ({reason})") from None
         if not isinstance(record, dict):
             raise CorpusError(f"{path}: line {number} is not a JSON object")
         yield _pair_from_record(record, src_lang, tgt_lang, f"{path}: line {number}")
@@ -173,7 +218,10 @@ def _pair_from_record(
     record: dict[str, Any], src_lang: str | None, tgt_lang: str | None, where: str
 ) -> tuple[str, str]:
     if "src" in record and "tgt" in record:
-        return _text(record["src"], where), _text(record["tgt"], where)
+        return as_text(record["src"], f"{where}, field 'src'"), as_text(
+            record["tgt"], f"{where}, field 'tgt'"
+        )
+    nested = "translation" in record
     inner = record.get("translation", record)
     if not isinstance(inner, dict):
         raise CorpusError(f"{where}: 'translation' is not an object")
@@ -187,15 +235,34 @@ def _pair_from_record(
         raise CorpusError(
             f"{where}: no language {', '.join(map(repr, missing))}; this record has {sorted(inner)}"
         )
-    return _text(inner[src_lang], where), _text(inner[tgt_lang], where)
+    prefix = "translation." if nested else ""
+    return as_text(inner[src_lang], f"{where}, field '{prefix}{src_lang}'"), as_text(
+        inner[tgt_lang], f"{where}, field '{prefix}{tgt_lang}'"
+    )
 
 
-def _text(value: Any, where: str) -> str:
+def as_text(value: Any, where: str) -> str:
+    """A sentence read from structured data (JSON, a dataset column): a missing value (None) is
+    empty text; anything but a string, or a string that is not Unicode text (an unpaired
+    surrogate, which JSON can write as an escape like "\\ud800"), is an error naming `where`.
+
+    Raises:
+        CorpusError: the value is not text; the message starts with `where`.
+    """
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise CorpusError(f"{where}: expected a string, got {type(value).__name__}")
+        raise CorpusError(f"{where}: expected a string, got {type(value).__name__} {value!r:.40}")
+    surrogate = _SURROGATE.search(value)
+    if surrogate is not None:
+        raise CorpusError(
+            f"{where}: unpaired surrogate U+{ord(surrogate.group()):04X} at character "
+            f"{surrogate.start()}; the text is not valid Unicode"
+        )
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +590,9 @@ def prepare_corpus(
             (see `choose_holdout`).
     Returns:
         The manifest and, per split, what the filters kept and dropped.
+    Raises:
+        CorpusError: bad input (see the readers), or no training pair passed the filters (then
+            nothing is written).
     """
     holdout = holdout or {}
     clash = set(holdout.values()) & set(given)
@@ -550,6 +620,11 @@ def prepare_corpus(
             "max_length_ratio": max_length_ratio,
             "dropped": {k: dict(v.dropped) for k, v in stats.items() if v.dropped},
         }
+        if stats["train"].kept == 0:  # raised inside the writer, so nothing is kept on disk
+            raise CorpusError(
+                f"no training pairs for {out_dir} from {source}: {stats['train'].summary()}; "
+                "nothing written"
+            )
         manifest = writer.close(source, filters, extra)
     for split, split_stats in stats.items():
         log_filter_stats(split_stats, f"{out_dir}: {split}")

@@ -101,12 +101,27 @@ def coverage_penalty_value(coverage: Tensor, src_mask: Tensor, beta: float) -> T
     return beta * logs.sum(dim=1)
 
 
-def max_lengths(src_lengths: Tensor, max_len_a: float, max_len_b: float) -> list[int]:
-    """Per-sentence output limits floor(a * |source| + b), at least 0. src_lengths (B,)."""
+def max_lengths(
+    src_lengths: Tensor, max_len_a: float, max_len_b: float, cap: int | None = None
+) -> list[int]:
+    """Per-sentence output limits floor(a * |source| + b), at least 0 and at most `cap` (a hard
+    bound whatever a and b say, e.g. a server's). src_lengths (B,)."""
     if max_len_a < 0:
         raise ValueError(f"max_len_a must be >= 0, got {max_len_a}")
+    if cap is not None and cap < 0:
+        raise ValueError(f"max_len_cap must be >= 0, got {cap}")
     # the small epsilon keeps e.g. 1.1 * 10 from flooring to 10
-    return [max(0, math.floor(max_len_a * n + max_len_b + 1e-6)) for n in src_lengths.tolist()]
+    limits = [max(0, math.floor(max_len_a * n + max_len_b + 1e-6)) for n in src_lengths.tolist()]
+    return limits if cap is None else [min(n, cap) for n in limits]
+
+
+class SearchCancelledError(Exception):
+    """`should_stop` said so between two decoding steps: nobody waits for this search any more."""
+
+
+def _check_stop(should_stop: Callable[[], bool] | None, t: int) -> None:
+    if should_stop is not None and should_stop():
+        raise SearchCancelledError(f"search cancelled after {t} steps")
 
 
 def _check_common(min_len: int, no_repeat_ngram: int) -> None:
@@ -283,6 +298,7 @@ class _OneEach:
         src_lengths: Tensor,
         src_mask: Tensor,
         limits: list[int],
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Hypothesis]:
         device, batch_size = src.device, src.size(0)
         if batch_size == 0:
@@ -301,15 +317,17 @@ class _OneEach:
         self.history = torch.zeros((batch_size, 0), dtype=torch.long, device=device)  # (N, t)
         self.log_prob_sum = torch.zeros(batch_size, device=device)  # (N,)
         self.coverage = torch.zeros(src_mask.shape, device=device) if self.beta != 0 else None
+        # preallocated for the longest output allowed: written in place, one row per step
         self.attn_history = (
-            torch.zeros((batch_size, 0, src.size(1)), device=device)
+            torch.zeros((batch_size, max(limits) + 1, src.size(1)), device=device)
             if self.return_attention
             else None
-        )  # (N, t, S)
+        )  # (N, T_max + 1, S)
         prev = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
 
         t, n_idle, soonest_limit = 0, 0, min(limits)
         while True:
+            _check_stop(should_stop, t)
             out, state, attn = model.decode_step(prev, state, memory)  # (N, H), (N, S)
             tokens = self._advance(model, out, attn.float(), t, soonest_limit)  # columns
             prev = self.cols.to_ids(tokens)
@@ -363,7 +381,7 @@ class _OneEach:
         if self.coverage is not None:
             self.coverage += attn
         if self.attn_history is not None:
-            self.attn_history = torch.cat([self.attn_history, attn.unsqueeze(1)], dim=1)
+            self.attn_history[:, t] = attn
         return tokens
 
     def _finalise(self, rows: Tensor, t: int) -> None:
@@ -384,7 +402,7 @@ class _OneEach:
             sid = self.active_ids[row]
             attention = None
             if self.attn_history is not None:
-                attention = _trim_attention(self.attn_history[row], self.src_lens[sid])
+                attention = _trim_attention(self.attn_history[row, : t + 1], self.src_lens[sid])
             self.results[sid] = Hypothesis(
                 tokens=self.cols.to_id_list(toks),
                 score=total / lp + pen,
@@ -422,6 +440,8 @@ def greedy_search(
     length_penalty: float = 0.0,
     coverage_penalty: float = 0.0,
     return_attention: bool = False,
+    max_len_cap: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Hypothesis]:
     """Pick the most likely token at every step, for all sentences at once.
 
@@ -432,6 +452,8 @@ def greedy_search(
         no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
         length_penalty, coverage_penalty: GNMT alpha and beta, used for `score` only.
         return_attention: fill `Hypothesis.attention` (T + 1, S), EOS row last.
+        max_len_cap: a hard bound on output tokens, whatever a and b give.
+        should_stop: called between steps; True raises SearchCancelledError.
     Returns:
         One hypothesis per sentence, in input order.
     """
@@ -445,9 +467,9 @@ def greedy_search(
         beta=coverage_penalty,
         return_attention=return_attention,
     )
-    limits = max_lengths(src_lengths, max_len_a, max_len_b)
+    limits = max_lengths(src_lengths, max_len_a, max_len_b, max_len_cap)
     with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
-        return runner.run(model, src, src_lengths, src_mask, limits)
+        return runner.run(model, src, src_lengths, src_mask, limits, should_stop)
 
 
 def sample(
@@ -465,6 +487,8 @@ def sample(
     top_k: int = 0,
     generator: torch.Generator | None = None,
     return_attention: bool = False,
+    max_len_cap: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[Hypothesis]:
     """Draw one output per sentence from the model (e.g. for back-translation with noise).
 
@@ -504,9 +528,9 @@ def sample(
         beta=0.0,
         return_attention=return_attention,
     )
-    limits = max_lengths(src_lengths, max_len_a, max_len_b)
+    limits = max_lengths(src_lengths, max_len_a, max_len_b, max_len_cap)
     with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
-        return runner.run(model, src, src_lengths, src_mask, limits)
+        return runner.run(model, src, src_lengths, src_mask, limits, should_stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +555,8 @@ def beam_search(
     min_len: int = 0,
     no_repeat_ngram: int = 0,
     return_attention: bool = False,
+    max_len_cap: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search for all sentences at once, beams flattened into the batch (B * K).
 
@@ -551,6 +577,8 @@ def beam_search(
         min_len: EOS is not allowed before this many tokens.
         no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
         return_attention: fill `Hypothesis.attention` (T + 1, S), EOS row last.
+        max_len_cap: a hard bound on output tokens, whatever a and b give.
+        should_stop: called between steps; True raises SearchCancelledError.
     Returns:
         Per sentence, in input order, its n-best list sorted by score, best first.
     """
@@ -570,7 +598,14 @@ def beam_search(
             min_len=min_len,
             no_repeat_ngram=no_repeat_ngram,
             return_attention=return_attention,
-        ).run(model, src, src_lengths, src_mask, max_lengths(src_lengths, max_len_a, max_len_b))
+        ).run(
+            model,
+            src,
+            src_lengths,
+            src_mask,
+            max_lengths(src_lengths, max_len_a, max_len_b, max_len_cap),
+            should_stop,
+        )
 
 
 class _BeamSearch:
@@ -606,6 +641,7 @@ class _BeamSearch:
         src_lengths: Tensor,
         src_mask: Tensor,
         limits: list[int],
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Hypothesis]]:
         k, device = self.k, src.device
         batch_size = src.size(0)
@@ -644,16 +680,18 @@ class _BeamSearch:
         self.coverage = (
             torch.zeros((batch_size * k, src.size(1)), device=device) if self.beta != 0 else None
         )
+        # preallocated for the longest output allowed; rows follow the beams' reordering
         self.attn_history = (
-            torch.zeros((batch_size * k, 0, src.size(1)), device=device)
+            torch.zeros((batch_size * k, max(limits) + 1, src.size(1)), device=device)
             if self.return_attention
             else None
-        )
+        )  # (N, T_max + 1, S)
         self.offsets = torch.arange(batch_size, device=device).unsqueeze(1) * k  # (B, 1)
 
         t = 0
         soonest_limit = min(limits)
         while True:
+            _check_stop(should_stop, t)
             prev, reorder = self._advance(model, out, attn.float(), t, soonest_limit)
             done = self._done(t)  # (n,)
             if bool(done.any()):
@@ -714,11 +752,10 @@ class _BeamSearch:
         # an EOS among the K best ends a hypothesis (Wu et al., 2016; as in fairseq)
         ends = is_eos[:, :k] & (cand_scores[:, :k] > NEG_INF)  # (n, K)
         # attention of every step so far, this one (maybe EOS) included: (N, t + 1, S)
-        attn_history = (
-            torch.cat([self.attn_history, attn.unsqueeze(1)], dim=1)
-            if self.attn_history is not None
-            else None
-        )
+        attn_history = None
+        if self.attn_history is not None:
+            self.attn_history[:, t] = attn
+            attn_history = self.attn_history[:, : t + 1]
         if ends.any():
             self._finalise(ends, cand_scores, cand_beams, coverage, attn_history, t)
 
@@ -736,7 +773,7 @@ class _BeamSearch:
         if coverage is not None:
             self.coverage = coverage.index_select(0, reorder)
         if attn_history is not None:
-            self.attn_history = attn_history.index_select(0, reorder)
+            attn_history.copy_(attn_history.index_select(0, reorder))
         return tokens, reorder
 
     def _finalise(
@@ -849,6 +886,8 @@ def search(
     min_len: int = 0,
     no_repeat_ngram: int = 0,
     return_attention: bool = False,
+    max_len_cap: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[Hypothesis]]:
     """Greedy search when beam_size == 1 (same output, less work), else beam search.
 
@@ -869,6 +908,8 @@ def search(
             length_penalty=length_penalty,
             coverage_penalty=coverage_penalty,
             return_attention=return_attention,
+            max_len_cap=max_len_cap,
+            should_stop=should_stop,
         )
         return [[h] for h in hyps]
     return beam_search(
@@ -887,4 +928,6 @@ def search(
         min_len=min_len,
         no_repeat_ngram=no_repeat_ngram,
         return_attention=return_attention,
+        max_len_cap=max_len_cap,
+        should_stop=should_stop,
     )

@@ -3,7 +3,9 @@ a time budget with a schedule planned against it, and the choice of the model to
 
 `train()` builds the pieces (data, model, optimiser, sampler) and hands them to a `Trainer`, whose
 `run()` is the loop: batch -> `step()` -> log -> `validate()` on time or on steps -> `save()`; then
-`finish()` ships the best of the candidate weights on dev BLEU.
+`finish()` ships the best of the candidate weights on dev BLEU. SIGTERM and SIGINT stop the loop
+at the next step boundary with a checkpoint (`TrainingInterrupted`), and `train.save_every_minutes`
+bounds what a kill -9 loses.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import json
 import logging
 import math
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from nmt import checkpoint as ckpt
 from nmt.config import Config, TrainConfig, save_config
+from nmt.corpus import read_lines
 from nmt.data import (
     DEFAULT_MAX_BUCKETS,
     DEFAULT_PAD_TO_MULTIPLE,
@@ -33,6 +37,7 @@ from nmt.data import (
     Buckets,
     EncodedCorpus,
     TokenBatchSampler,
+    file_digest,
 )
 from nmt.ema import WeightEMA
 from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
@@ -44,9 +49,14 @@ from nmt.train_state import (
     DistInfo,
     LoopState,
     MetricsLog,
+    ResumePoint,
+    StopRequested,
+    StopSignals,
     TrainingError,
+    TrainingInterrupted,
     all_reduce_max,
     all_reduce_sum,
+    check_fingerprints,
     choose_precision,
     hardware_description,
     init_distributed,
@@ -58,7 +68,8 @@ from nmt.train_state import (
 from nmt.translate import autocast, resolve_device
 from nmt.validate import record_test_scores, resolve_split, validate
 
-__all__ = ["TrainResult", "Trainer", "TrainingError", "learning_rate", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingError", "TrainingInterrupted", "learning_rate",
+           "train"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +97,45 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 # -- data ----------------------------------------------------------------------------------------
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path, train_files: tuple[Path, Path]) -> Tokenizer:
-    """Trains SentencePiece on the training split once; later runs and resumes reuse it."""
+TOKENIZER_STAMP = "trained_with.json"  # in run/tokenizer: the settings and data it was trained on
+
+
+def prepare_tokenizer(
+    cfg: Config, run_dir: Path, train_files: tuple[Path, Path], resuming: bool
+) -> Tokenizer:
+    """Trains SentencePiece on the training split into `run/tokenizer`, with a note of what it was
+    trained with (the tokenizer config and the training files' contents).
+
+    A fresh start reuses the folder only when that note matches (a run killed before its first
+    checkpoint and restarted with other settings trains it again); a resumed run always reuses
+    it, and its checkpoint checks that it is the tokenizer it was trained with.
+    """
     tok_dir = run_dir / "tokenizer"
+    if resuming:
+        try:
+            return Tokenizer.load(tok_dir)
+        except (OSError, ValueError) as err:
+            raise TrainingError(f"cannot resume: {err}; the checkpoint needs the tokenizer it "
+                                "was trained with") from None  # fmt: skip
+    wanted = {"tokenizer": asdict(cfg.tokenizer), "train_data": list(map(file_digest, train_files))}
     try:
-        return Tokenizer.load(tok_dir)
-    except (FileNotFoundError, OSError, ValueError):
-        logger.info("training SentencePiece (%s, %d) on %s", cfg.tokenizer.model_type,
-                    cfg.tokenizer.vocab_size, train_files[0].parent)  # fmt: skip
-        return Tokenizer.train(train_files[0], train_files[1], tok_dir, cfg.tokenizer)
+        stamp = json.loads((tok_dir / TOKENIZER_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stamp = None
+    if stamp == wanted:
+        try:
+            return Tokenizer.load(tok_dir)
+        except (OSError, ValueError):
+            pass
+    elif stamp is not None or tok_dir.exists():
+        logger.warning("%s was trained with other tokenizer settings or data (or is unlabelled); "
+                       "training it again", tok_dir)  # fmt: skip
+    logger.info("training SentencePiece (%s, %d) on %s", cfg.tokenizer.model_type,
+                cfg.tokenizer.vocab_size, train_files[0].parent)  # fmt: skip
+    with ckpt.atomic_dir(tok_dir) as tmp:
+        Tokenizer.train(train_files[0], train_files[1], tmp, cfg.tokenizer)
+        (tmp / TOKENIZER_STAMP).write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+    return Tokenizer.load(tok_dir)
 
 
 def output_vocab(train_data: EncodedCorpus, tokenizer: Tokenizer) -> Tensor:
@@ -111,9 +152,10 @@ def output_vocab(train_data: EncodedCorpus, tokenizer: Tokenizer) -> Tensor:
 
 
 def scheduled_sampling_logits(
-    model: Seq2Seq, batch: Batch, prob: float, generator: torch.Generator | None = None
+    model: Seq2Seq, batch: Batch, prob: float, pad_id: int, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Teacher forcing where each input token is, with probability `prob`, the model's own guess."""
+    """Teacher forcing where each input token is, with probability `prob`, the model's own guess
+    (padding stays padding)."""
     memory, state = model.encode(batch.src, batch.src_lengths, batch.src_mask)
     steps = []
     prev = batch.tgt_in[:, 0]
@@ -124,33 +166,34 @@ def scheduled_sampling_logits(
             gold = batch.tgt_in[:, t + 1]
             guess = model.token_ids(logits.detach().argmax(-1))
             use_guess = torch.rand(gold.shape, generator=generator, device=gold.device) < prob
-            prev = torch.where(use_guess & (gold != 0), guess, gold)
+            prev = torch.where(use_guess & (gold != pad_id), guess, gold)
     return torch.stack(steps, dim=1)  # (B, T, V)
 
 
-def forward_loss(
-    model: nn.Module, batch: Batch, cfg: TrainConfig, pad_id: int, ss_prob: float
-) -> tuple[Tensor, Tensor, int]:
-    """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch.
+class TrainingForward(nn.Module):
+    """The training forward pass and its loss as one module call.
 
-    Without scheduled sampling the output projection and the loss run fused, block by block,
-    and the (B, T, V) logits are never built. The model is still called through `model`, so
-    that a DistributedDataParallel wrapper prepares its gradient sync for this forward; the
-    output matrix it multiplies comes from the wrapped module.
+    DistributedDataParallel averages the gradients of the forwards it runs itself, so the whole
+    forward of a step, teacher forcing or scheduled sampling, is this module's `forward`, and
+    under torchrun the DDP wrapper goes around this module. Without scheduled sampling the
+    output projection and the loss run fused, block by block, and the (B, T, V) logits are
+    never built.
     """
-    inner = cast(Seq2Seq, getattr(model, "module", model))
-    if ss_prob > 0:
-        logits = scheduled_sampling_logits(inner, batch, ss_prob)
-        loss, nll, n_tokens = label_smoothed_nll(
-            logits, batch.tgt_out, pad_id, cfg.label_smoothing, inner.column_of
-        )
-    else:
+
+    def __init__(self, model: Seq2Seq, pad_id: int, label_smoothing: float) -> None:
+        super().__init__()
+        self.model, self.pad_id, self.label_smoothing = model, pad_id, label_smoothing
+
+    def forward(self, batch: Batch, ss_prob: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch."""
+        model, pad_id, smoothing = self.model, self.pad_id, self.label_smoothing
+        if ss_prob > 0:
+            logits = scheduled_sampling_logits(model, batch, ss_prob, pad_id)
+            return label_smoothed_nll(logits, batch.tgt_out, pad_id, smoothing, model.column_of)
         features = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in, features=True)
-        weight, bias = inner.output_weights()
-        loss, nll, n_tokens = fused_linear_smoothed_nll(
-            features, weight, bias, batch.tgt_out, pad_id, cfg.label_smoothing, inner.column_of
-        )
-    return loss, nll, int(n_tokens)
+        weight, bias = model.output_weights()
+        return fused_linear_smoothed_nll(features, weight, bias, batch.tgt_out, pad_id, smoothing,
+                                         model.column_of)  # fmt: skip
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -164,12 +207,13 @@ class Trainer:
         self,
         cfg: Config,
         run_dir: Path,
-        resume_from: Path | None = None,
+        resume_from: ResumePoint | None = None,
         reset_optimizer: bool = False,
         clock: Callable[[], float] = time.perf_counter,
         progress: bool = True,
     ) -> None:
         self.cfg, self.tc, self.run_dir, self.clock = cfg, cfg.train, run_dir, clock
+        self.stop = StopSignals()  # installed by `train()` around run() and finish()
         self.device = resolve_device(self.tc.device)
         self.info = init_distributed(self.device)
         if self.tc.num_threads > 0:
@@ -178,12 +222,15 @@ class Trainer:
         self.show_progress = progress and self.info.is_main
         torch.manual_seed(self.tc.seed)
         random.seed(self.tc.seed)
-        self._load_data()
+        self._load_data(resuming=resume_from is not None)
         self._build_model()
         self.loop = LoopState()
         self.log = MetricsLog(run_dir, self.info.is_main)
         if resume_from is not None:
             self._restore(resume_from, reset_optimizer)
+        self.log.truncate_after(self.loop.step)
+        self._last_save = self.loop.elapsed  # the training clock at the last checkpoint
+        self._saved: tuple[tuple[int, int], Path] | None = None  # (step, skipped) and its path
         if self.tc.valid_every_minutes > 0 and self.loop.next_valid_time <= 0:
             self.loop.next_valid_time = self.tc.valid_every_minutes * 60
         self.lr = 0.0
@@ -194,7 +241,7 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------------
 
-    def _load_data(self) -> None:
+    def _load_data(self, resuming: bool) -> None:
         """Tokenizer, encoded train and dev splits; everything that can fail on bad data or
         config fails here, before any training."""
         cfg, run_dir, info = self.cfg, self.run_dir, self.info
@@ -202,8 +249,9 @@ class Trainer:
         dev_files = resolve_split(cfg, "dev")
         run_dir.mkdir(parents=True, exist_ok=True)
         if info.is_main:
-            save_config(cfg, run_dir / ckpt.CONFIG_FILE)
-            self.tokenizer = prepare_tokenizer(cfg, run_dir, train_files)
+            with ckpt.atomic_path(run_dir / ckpt.CONFIG_FILE) as tmp:
+                save_config(cfg, tmp)
+            self.tokenizer = prepare_tokenizer(cfg, run_dir, train_files, resuming)
         if info.world_size > 1:
             dist.barrier()
             self.tokenizer = Tokenizer.load(run_dir / "tokenizer")
@@ -214,12 +262,19 @@ class Trainer:
                                               d.max_length_ratio)  # fmt: skip
         self.dev_data = EncodedCorpus.build(dev_files[0], dev_files[1], self.tokenizer,
                                             cache_dir / "dev", 10_000, 1e9)  # fmt: skip
-        self.dev_refs = dev_files[1].read_text(encoding="utf-8").splitlines()
+        self.dev_refs = list(read_lines(dev_files[1]))  # split as the dev data is
         if len(self.dev_data) != len(self.dev_refs):
             raise TrainingError(f"dev set {dev_files[1]}: {len(self.dev_refs)} lines but "
                                 f"{len(self.dev_data)} pairs after encoding; remove empty lines "
                                 "from the dev files")  # fmt: skip
         self.length_ratio = self.train_data.length_ratio()
+        # what a checkpoint must be resumed with, beside its config (`check_fingerprints`)
+        self.fingerprints = {"tokenizer": self.tokenizer.fingerprint(),
+                             "train_data": _content_digest(self.train_data),
+                             "dev_data": _content_digest(self.dev_data)}  # fmt: skip
+        self.fingerprint_files = {"tokenizer": ", ".join(map(str, self.tokenizer.files)),
+                                  "train_data": f"{train_files[0]}, {train_files[1]}",
+                                  "dev_data": f"{dev_files[0]}, {dev_files[1]}"}  # fmt: skip
 
     def _build_model(self) -> None:
         cfg, tc, tok = self.cfg, self.tc, self.tokenizer
@@ -237,17 +292,20 @@ class Trainer:
                                          world_size=self.info.world_size,
                                          pad_to_multiple=None if buckets else DEFAULT_PAD_TO_MULTIPLE,
                                          max_buckets=buckets or DEFAULT_MAX_BUCKETS)  # fmt: skip
-        self.train_model: nn.Module = self.model
+        # every training forward runs through train_model: under torchrun, DDP's wrapper
+        self.train_model: nn.Module = TrainingForward(self.model, tok.pad_id, tc.label_smoothing)
         if self.info.world_size > 1:
-            self.train_model = nn.parallel.DistributedDataParallel(self.model)
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model)
         if self.info.is_main:
             logger.info("model: %s parameters; precision %s on %s; %d training pairs, padding "
                         "%.1f%%", f"{self.params['total']:,}", self.precision, self.device,
                         len(self.train_data), 100 * self.sampler.padding_ratio())  # fmt: skip
 
-    def _restore(self, checkpoint: Path, reset_optimizer: bool) -> None:
+    def _restore(self, point: ResumePoint, reset_optimizer: bool) -> None:
+        checkpoint, state = point
+        check_fingerprints(state.get("fingerprints"), self.fingerprints, checkpoint,
+                           self.fingerprint_files)  # fmt: skip
         ckpt.load_weights(self.model, checkpoint / ckpt.MODEL_FILE)
-        state = ckpt.load_checkpoint_state(checkpoint)
         if not reset_optimizer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
@@ -256,7 +314,6 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
             self.ema.decay = self.tc.ema_decay
         set_rng_state(state["rng"])
-        self.log.truncate_after(self.loop.step)
         logger.info("resumed from %s (step %d, epoch %d, %.1f min on the training clock)",
                     checkpoint, self.loop.step, self.loop.epoch, self.loop.elapsed / 60)  # fmt: skip
 
@@ -275,29 +332,36 @@ class Trainer:
                 if tc.max_epochs and loop.epoch >= tc.max_epochs:
                     return "max_epochs"
                 for micro in self._epoch_batches():
-                    if not self.step(micro):
-                        continue
-                    if loop.step % tc.log_every == 0:
+                    stepped = self.step(micro)
+                    if stepped and loop.step % tc.log_every == 0:
                         self._log_window()
+                    self._check_stop()
+                    if not stepped:
+                        continue
                     out_of_time, out_of_steps = self._out_of_time(), self._out_of_steps()
-                    due = self._validation_due() or out_of_time or out_of_steps
-                    if due and self.validate():
-                        return "early_stopping"
+                    if self._validation_due() or out_of_time or out_of_steps:
+                        if self.validate():
+                            return "early_stopping"
+                        self._check_stop()
                     if out_of_steps:
                         return "max_steps"
                     if out_of_time:
                         return "max_minutes"
+                    if self._save_due():
+                        self.save("timed", timed=True)
                 loop.epoch += 1
                 loop.sampler = {}
-        except KeyboardInterrupt:
-            self.save("interrupted")
+        except StopRequested:
+            raise self._interrupted() from None
+        except KeyboardInterrupt:  # where no handler could be installed (not the main thread)
+            self.save("interrupted", timed=True)
             raise
         except TrainingError:
             raise
         except Exception:
             logger.exception("training crashed at step %d; saving a checkpoint", loop.step)
             try:
-                self.save("crash")
+                self.save("crash", timed=True)
             except Exception:
                 logger.exception("could not save a checkpoint after the crash")
             raise
@@ -331,7 +395,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         loss_sum, nll_sum, n_tokens = _accumulate(self.train_model, micro, self.train_data,
-                                                  self.tokenizer, tc, self.device, self.precision,
+                                                  self.tokenizer, self.device, self.precision,
                                                   self.scaler, info, ss_prob,
                                                   self.sampler.buckets)  # fmt: skip
         total_tokens = all_reduce_sum(float(n_tokens), info)
@@ -384,6 +448,32 @@ class Trainer:
         if self.tc.valid_every_minutes > 0:
             return self.loop.elapsed >= self.loop.next_valid_time
         return self.loop.step % self.tc.valid_every == 0
+
+    def _save_due(self) -> bool:
+        every = self.tc.save_every_minutes * 60
+        return every > 0 and self.loop.elapsed - self._last_save >= every
+
+    def _check_stop(self) -> None:
+        """Raises StopRequested once a stop signal has reached any rank (they stop together)."""
+        signum = self.stop.signum or 0
+        if self.info.world_size > 1:
+            signum = int(all_reduce_max(float(signum), self.info))
+        if signum:
+            self.stop.signum = self.stop.signum or signum
+            raise StopRequested
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """After a stop signal: a checkpoint of the step reached (unless the latest one is of
+        it already), and the exception that says where it is."""
+        loop = self.loop
+        if self._saved is not None and self._saved[0] == (loop.step, loop.skipped_batches):
+            path: Path | None = self._saved[1]
+        else:
+            path = self.save("stop signal", timed=True)
+        stop = TrainingInterrupted(self.stop.signum or signal.SIGTERM, loop.step, path)
+        if self.info.is_main:
+            logger.warning("%s", stop)
+        return stop
 
     # -- observing ------------------------------------------------------------------------------
 
@@ -444,7 +534,8 @@ class Trainer:
         timed validation and saves a checkpoint. True means stop early."""
         tc, loop = self.tc, self.loop
         start = self.clock()
-        record = self._validate_weights()
+        with self.stop.interruptible(self.info.world_size == 1):  # ranks validate in lockstep
+            record = self._validate_weights()
         self._tick()
         self.last_valid = {**record, "step": loop.step}
         bleu = record["dev_bleu"]
@@ -481,10 +572,15 @@ class Trainer:
         self.window_start += self._last_tick - start
         return tc.early_stopping > 0 and loop.bad_validations >= tc.early_stopping
 
-    def save(self, reason: str) -> None:
-        """A checkpoint of everything a resumed run needs (rank 0 only)."""
+    def save(self, reason: str, timed: bool = False) -> Path | None:
+        """A checkpoint of everything a resumed run needs (rank 0 only); returns its path.
+
+        `timed` checkpoints (on the clock, a signal, a crash) are deleted once the next one is
+        written (see `ckpt.save_checkpoint`). A signal never cuts a save short.
+        """
+        self._last_save = self.loop.elapsed
         if not self.info.is_main:
-            return
+            return None
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -492,10 +588,14 @@ class Trainer:
             "rng": rng_state(),
             "config": self.cfg.to_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "fingerprints": self.fingerprints,
         }
-        ckpt.save_checkpoint(self.run_dir, self.loop.step, self.model, state,
-                             self.tc.keep_checkpoints)  # fmt: skip
-        logger.info("checkpoint at step %d (%s)", self.loop.step, reason)
+        with self.stop.saving():
+            path = ckpt.save_checkpoint(self.run_dir, self.loop.step, self.model, state,
+                                        self.tc.keep_checkpoints, timed=timed)  # fmt: skip
+        self._saved = ((self.loop.step, self.loop.skipped_batches), path)
+        logger.info("checkpoint at step %d (%s): %s", self.loop.step, reason, path)
+        return path
 
     def _meta(self, record: dict[str, Any], weights: str) -> dict[str, Any]:
         d, loop = self.cfg.data, self.loop
@@ -516,24 +616,34 @@ class Trainer:
         meta = self._meta(record, weights)
         if selection is not None:
             meta["selection"] = selection
-        ckpt.write_model_dir(self.run_dir / "model", self.model, self.cfg, self.tokenizer.files,
-                             meta, model_card(self.cfg, meta))  # fmt: skip
+        with self.stop.saving():
+            ckpt.write_model_dir(self.run_dir / "model", self.model, self.cfg,
+                                 self.tokenizer.files, meta, model_card(self.cfg, meta))  # fmt: skip
 
     def finish(self, stopped: str) -> None:
         """The last checkpoint, the shipped model (the best candidate on dev BLEU), the curves
-        and the test split's scores for the model card."""
-        if self.info.is_main:
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            if latest is None or latest.name != f"step-{self.loop.step:08d}":
-                self.save(stopped)
-            selected_now = False
-            if not self.loop.selected:
-                self.select_model()
-                selected_now = True
-            plot_curves(self.log.read(), self.run_dir / "curves.png")
-            if self.tc.test_at_end and (stopped != "already_complete" or selected_now):
-                record_test_scores(self.cfg, self.run_dir / "model", self.device, self.precision)
-        self.log.close()
+        and the test split's scores for the model card.
+
+        A stop signal after the last checkpoint ends this at once; the resumed run, already
+        complete, chooses the shipped model again."""
+        try:
+            if self.info.is_main:
+                latest = ckpt.latest_checkpoint(self.run_dir)
+                if latest is None or latest.name != f"step-{self.loop.step:08d}":
+                    self.save(stopped)
+                with self.stop.interruptible():
+                    selected_now = False
+                    if not self.loop.selected:
+                        self.select_model()
+                        selected_now = True
+                    plot_curves(self.log.read(), self.run_dir / "curves.png")
+                    if self.tc.test_at_end and (stopped != "already_complete" or selected_now):
+                        record_test_scores(self.cfg, self.run_dir / "model", self.device,
+                                           self.precision)  # fmt: skip
+        except StopRequested:
+            raise self._interrupted() from None
+        finally:
+            self.log.close()
 
     def select_model(self) -> None:
         """Ships the best on dev BLEU of: the best validated weights, the last weights, the
@@ -579,11 +689,11 @@ class Trainer:
             with swap():
                 self._write_model(record, chosen, selection)
         else:  # the model directory already holds the best validated weights
-            meta_path = self.run_dir / "model" / ckpt.META_FILE
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            model_dir = self.run_dir / "model"
+            meta = json.loads((model_dir / ckpt.META_FILE).read_text(encoding="utf-8"))
             meta["selection"] = selection
-            ckpt.write_json_atomic(meta_path, meta)
-            ckpt.write_text_atomic(self.run_dir / "model" / "README.md", model_card(self.cfg, meta))
+            with self.stop.saving():
+                ckpt.update_model_meta(model_dir, meta, model_card(self.cfg, meta))
         loop.selected = True
         self.save("model selected")
 
@@ -591,6 +701,11 @@ class Trainer:
         loop = self.loop
         return TrainResult(self.run_dir, loop.step, loop.epoch, loop.best_bleu, stopped,
                            self.log.read())  # fmt: skip
+
+
+def _content_digest(corpus: EncodedCorpus) -> str:
+    """The digests of the files a corpus was encoded from (its cache holds their content hashes)."""
+    return f"{corpus.meta['src']} {corpus.meta['tgt']}"
 
 
 @contextlib.contextmanager
@@ -624,8 +739,12 @@ def train(
     cfg, resume_from = prepare_run(cfg, run_dir, resume, reset_optimizer)
     trainer = Trainer(cfg, run_dir, resume_from, reset_optimizer,
                       clock or time.perf_counter, progress)  # fmt: skip
-    stopped = trainer.run()
-    trainer.finish(stopped)
+    try:
+        with trainer.stop.installed():  # SIGTERM / SIGINT: a checkpoint, then TrainingInterrupted
+            stopped = trainer.run()
+            trainer.finish(stopped)
+    finally:
+        trainer.log.close()
     return trainer.result(stopped)
 
 
@@ -634,7 +753,6 @@ def _accumulate(
     micro: list[list[int]],
     data: EncodedCorpus,
     tokenizer: Tokenizer,
-    tc: TrainConfig,
     device: torch.device,
     precision: str,
     scaler: torch.amp.GradScaler,
@@ -642,7 +760,8 @@ def _accumulate(
     ss_prob: float,
     padding: Buckets,
 ) -> tuple[float, float, int]:
-    """Forward and backward over the micro-batches of one step; gradients are sums over tokens."""
+    """Forward and backward over the micro-batches of one step; gradients are sums over tokens.
+    `train_model` is the `TrainingForward`, or the DDP wrapper around it."""
     loss_total = nll_total = 0.0
     tokens = 0
     for i, idx in enumerate(micro):
@@ -652,11 +771,11 @@ def _accumulate(
         ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
             with autocast(device, precision):
-                loss, nll, n_tok = forward_loss(train_model, batch, tc, tokenizer.pad_id, ss_prob)
+                loss, nll, n_tok = train_model(batch, ss_prob)
             scaler.scale(loss).backward()
         loss_total += float(loss.detach())
         nll_total += float(nll.detach())
-        tokens += n_tok
+        tokens += int(n_tok)
     return loss_total, nll_total, tokens
 
 

@@ -78,10 +78,15 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
             f"| Output vocabulary | {meta['output_vocab']:,} tokens: the softmax covers those seen "
             "on the target side of the training data |"
         )
-    lines += [
-        f"| Dev BLEU | {scores.get('dev_bleu', float('nan')):.2f} (step {scores.get('step', '?')}) |",
-        f"| Dev chrF | {scores.get('dev_chrf', float('nan')):.2f} |",
-    ]
+    if "dev_bleu" in scores:
+        lines += [
+            f"| Dev BLEU | {scores['dev_bleu']:.2f} (step {scores.get('step', '?')}) |",
+            f"| Dev chrF | {scores.get('dev_chrf', float('nan')):.2f} |",
+        ]
+    else:  # e.g. averaged weights whose dev split was not at hand
+        lines.append(f"| Dev BLEU | unscored: {meta.get('unscored', 'no dev scores')} |")
+    if meta.get("averaged_from"):
+        lines.append(f"| Weights | average of checkpoints {', '.join(meta['averaged_from'])} |")
     if "test_bleu" in scores:
         lines.append(
             f"| Test BLEU | {scores['test_bleu']:.2f} (beam {scores.get('test_beam_size')}, "

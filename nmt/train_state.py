@@ -1,5 +1,6 @@
-"""What a training run keeps beside the loop: resume rules, RNG and loop state, the metrics log,
-distributed helpers, and the facts about the hardware that go into the model card."""
+"""What a training run keeps beside the loop: resume rules and fingerprints, stop signals, RNG and
+loop state, the metrics log, distributed helpers, and the facts about the hardware that go into
+the model card."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import logging
 import os
 import platform
 import random
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -27,7 +33,7 @@ RESUMABLE_CHANGES = {
     "train.valid_every_minutes", "train.log_every", "train.keep_checkpoints",
     "train.early_stopping", "train.valid_max_sentences", "train.valid_beam_size",
     "train.average_last", "train.ema_decay", "train.nan_policy", "train.device",
-    "train.num_threads", "decode",
+    "train.num_threads", "train.save_every_minutes", "decode",
 }  # fmt: skip
 # Settings that change the optimisation; changing them on resume needs --reset-optimizer.
 OPTIMIZER_CHANGES = {
@@ -39,6 +45,91 @@ OPTIMIZER_CHANGES = {
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, unusable run directory, ...)."""
+
+
+class TrainingInterrupted(BaseException):  # like KeyboardInterrupt: not an error to catch broadly
+    """Training stopped on SIGTERM or SIGINT, after saving a checkpoint of the step it reached."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {where}; "
+                         "continue with --resume")  # fmt: skip
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by that signal."""
+        return 128 + self.signum
+
+
+class StopRequested(BaseException):
+    """Raised inside the loop when a stop signal has arrived; `Trainer` turns it into a
+    checkpoint and a `TrainingInterrupted`."""
+
+
+class StopSignals:
+    """SIGTERM (docker stop, Kubernetes, Slurm) and SIGINT (Ctrl-C) ask the loop to stop with a
+    checkpoint, rather than kill it mid-step.
+
+    The handler only takes note: the loop checks `signum` between steps, so the checkpoint is of
+    a whole step. Inside an `interruptible()` block (validation, where the loop state is already
+    at a step boundary) it raises StopRequested at once, so a long validation does not outlast
+    the grace period. Inside `saving()` it never raises: a second signal cannot cut a save short.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saving = 0
+        self._interruptible = False
+
+    @contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        """Handles the signals inside the block (only the main thread can; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():  # None: one set outside Python
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            logger.warning("%s: already stopping (SIGKILL stops at once, losing the step)", name)
+            return
+        self.signum = signum
+        if self._interruptible and not self._saving:
+            logger.warning("%s: stopping now, with a checkpoint", name)
+            raise StopRequested
+        logger.warning("%s: stopping after this step, with a checkpoint", name)
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """A block that a signal never interrupts; inside an interruptible block, a signal that
+        came during the save stops the run once the save is complete."""
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
+        if self._interruptible and not self._saving and self.signum is not None:
+            raise StopRequested
+
+    @contextmanager
+    def interruptible(self, allowed: bool = True) -> Iterator[None]:
+        """A block that a signal ends at once with StopRequested (where `allowed`)."""
+        if self.signum is not None and allowed:
+            raise StopRequested
+        before, self._interruptible = self._interruptible, allowed
+        try:
+            yield
+        finally:
+            self._interruptible = before
 
 
 # -- distributed ---------------------------------------------------------------------------------
@@ -191,19 +282,34 @@ class MetricsLog:
             self.writer.flush()
 
     def read(self) -> list[dict[str, Any]]:
+        """The records. A torn last line (a kill or a full disk mid-write) is dropped with a
+        warning; a corrupt line before it is a TrainingError naming the file and line."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip("\x00 \t")]
+        records = []
+        for i, (n, line) in enumerate(numbered):
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                if i + 1 < len(numbered):
+                    raise TrainingError(f"{self.path}, line {n}: not a JSON record ({err}); "
+                                        "repair or delete that line") from None  # fmt: skip
+                logger.warning("%s, line %d: dropped a torn last record (%s)", self.path, n, err)
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drops records written after the checkpoint we resume from."""
+        """Drops records written after `step`: on resume, those after the checkpoint we resume
+        from; on a fresh start (step 0), those of an earlier attempt that never checkpointed."""
         if self.enabled and self.path.is_file():
-            kept = [r for r in self.read() if r["step"] <= step]
+            kept = [r for r in self.read() if r["step"] <= step] if step > 0 else []
             ckpt.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 @dataclass
@@ -227,23 +333,72 @@ class LoopState:
     selected: bool = False  # the shipped model has been chosen among the candidates
 
 
+class ResumePoint(NamedTuple):
+    checkpoint: Path
+    state: dict[str, Any]  # its training state, read once
+
+
 def prepare_run(
     cfg: Config, run_dir: Path, resume: bool, reset_optimizer: bool
-) -> tuple[Config, Path | None]:
-    """Checks the run directory and returns the config to use and the checkpoint to resume from."""
+) -> tuple[Config, ResumePoint | None]:
+    """Checks the run directory and returns the config to use and the checkpoint to resume from.
+
+    A kill mid-save is repaired first (`ckpt.recover_dir`). On resume the given config is
+    reconciled with the config stored in the checkpoint itself: that is the one its weights and
+    optimiser state belong to, whatever `config.yaml` says by now.
+    """
+    if int(os.environ.get("RANK", "0")) == 0:  # one process repairs (torchrun starts several)
+        ckpt.recover_checkpoints(run_dir)
+        ckpt.recover_dir(run_dir / "model")
     latest = ckpt.latest_checkpoint(run_dir)
-    saved_cfg_path = run_dir / ckpt.CONFIG_FILE
-    if resume:
-        if latest is None:
-            logger.warning("--resume: no checkpoint in %s yet; starting from scratch", run_dir)
-        elif saved_cfg_path.is_file():
-            cfg = reconcile_resume_config(load_config(saved_cfg_path), cfg, reset_optimizer)
-    elif latest is not None:
+    if not resume:
+        if latest is not None:
+            raise TrainingError(
+                f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to "
+                "continue it, or choose another --run-dir"
+            )
+        return cfg, None
+    if latest is None:
+        logger.warning("--resume: no checkpoint in %s yet; starting from scratch", run_dir)
+        return cfg, None
+    state = ckpt.load_checkpoint_state(latest)
+    if "config" in state:
+        cfg = reconcile_resume_config(config_from_dict(state["config"]), cfg, reset_optimizer)
+    elif (run_dir / ckpt.CONFIG_FILE).is_file():  # a checkpoint without its config
+        cfg = reconcile_resume_config(load_config(run_dir / ckpt.CONFIG_FILE), cfg, reset_optimizer)
+    return cfg, ResumePoint(latest, state)
+
+
+# What a checkpoint's fingerprints cover, for the message when one differs on resume.
+FINGERPRINTS = {
+    "tokenizer": "the SentencePiece model",
+    "train_data": "the training data",
+    "dev_data": "the dev data",
+}
+
+
+def check_fingerprints(
+    saved: dict[str, str] | None, current: dict[str, str], checkpoint: Path, where: dict[str, str]
+) -> None:
+    """Refuses to resume when the tokenizer or the data differ from those the checkpoint was
+    trained with (the config is compared by `reconcile_resume_config`).
+
+    Args:
+        saved: the fingerprints stored in the checkpoint (None: a checkpoint from before they were).
+        current: the same fingerprints of this start.
+        where: the files behind each fingerprint, named in the message.
+    """
+    if not saved:
+        logger.warning("%s stores no fingerprints (older version): cannot check that the tokenizer "
+                       "and the data are the ones it was trained with", checkpoint)  # fmt: skip
+        return
+    changed = [k for k in FINGERPRINTS if k in saved and saved[k] != current.get(k)]
+    if changed:
+        what = "; ".join(f"{FINGERPRINTS[k]} ({where.get(k, '?')})" for k in changed)
         raise TrainingError(
-            f"{run_dir} already holds checkpoints (latest {latest.name}); pass --resume to continue "
-            "it, or choose another --run-dir"
+            f"cannot resume from {checkpoint}: these changed since it was saved: {what}. Resuming "
+            "would mix two runs; restore them, or start a new run directory"
         )
-    return cfg, latest if resume else None
 
 
 def all_reduce_max(value: float, info: DistInfo) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from nmt.checkpoint import load_weights, read_model_dir
 from nmt.config import Config
 from nmt.model import Seq2Seq, build_model, count_parameters
-from nmt.search import Hypothesis, beam_search, greedy_search
+from nmt.search import Hypothesis, beam_search, greedy_search, max_lengths
 from nmt.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class Translator:
         max_len_a: float,
         max_len_b: int,
         return_attention: bool,
+        length_cap: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Hypothesis]]:
         d = self.cfg.decode
         with torch.no_grad(), autocast(self.device, self.precision):
@@ -144,7 +146,8 @@ class Translator:
                     self.model, src, lengths, src_mask,
                     bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id,
                     max_len_a=max_len_a, max_len_b=max_len_b, min_len=d.min_len,
-                    return_attention=return_attention,
+                    return_attention=return_attention, max_len_cap=length_cap,
+                    should_stop=should_stop,
                 )  # fmt: skip
                 return [[h] for h in hyps]
             return beam_search(
@@ -153,7 +156,8 @@ class Translator:
                 beam_size=beam_size, n_best=n_best, length_penalty=d.length_penalty,
                 coverage_penalty=d.coverage_penalty, max_len_a=max_len_a, max_len_b=max_len_b,
                 min_len=d.min_len, no_repeat_ngram=d.no_repeat_ngram,
-                return_attention=return_attention,
+                return_attention=return_attention, max_len_cap=length_cap,
+                should_stop=should_stop,
             )  # fmt: skip
 
     def translate(
@@ -164,8 +168,14 @@ class Translator:
         n_best: int = 1,
         max_length: int | None = None,
         return_alignments: bool = False,
+        length_cap: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[TranslationResult]:
-        """Translates a batch of sentences; results come back in input order."""
+        """Translates a batch of sentences; results come back in input order.
+
+        `length_cap` bounds the output tokens whatever `max_length` or the length rule says (a
+        server's hard limit); `should_stop` is asked between decoding steps and, when it says
+        True, the search ends with `SearchCancelledError`."""
         if not texts:
             return []
         beam = beam_size or self.cfg.decode.beam_size
@@ -173,7 +183,9 @@ class Translator:
             raise ValueError(f"n_best ({n_best}) cannot exceed beam_size ({beam})")
         src, lengths, src_mask, ids = self._encode(texts)
         a, b = (0.0, max_length) if max_length else (self.max_len_a, self.max_len_b)
-        nbest = self._search(src, lengths, src_mask, beam, n_best, a, b, return_alignments)
+        nbest = self._search(
+            src, lengths, src_mask, beam, n_best, a, b, return_alignments, length_cap, should_stop
+        )
         texts_out = self.tokenizer.decode_tgt([h.tokens for hyps in nbest for h in hyps])
         results = []
         k = 0
@@ -195,10 +207,10 @@ class Translator:
             results.append(result)
         return results
 
-    def translate_stream(self, text: str) -> Iterator[str]:
+    def translate_stream(self, text: str, *, length_cap: int | None = None) -> Iterator[str]:
         """Greedy decoding of one sentence, yielding the detokenised text after every token."""
         src, lengths, src_mask, ids = self._encode([text])
-        max_len = int(self.max_len_a * len(ids[0]) + self.max_len_b)
+        max_len = max_lengths(lengths, self.max_len_a, self.max_len_b, length_cap)[0]
         tokens: list[int] = []
         model: Any = self.model
         with torch.no_grad(), autocast(self.device, self.precision):

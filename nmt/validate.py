@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch
 
 from nmt import checkpoint as ckpt
 from nmt.config import Config, ConfigError
-from nmt.corpus import CorpusError, split_files
+from nmt.corpus import CorpusError, read_lines, require_pairs, split_files
 from nmt.data import EncodedCorpus, TokenBatchSampler
 from nmt.loss import label_smoothed_nll
 from nmt.metrics import corpus_scores
@@ -27,17 +29,27 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_split(cfg: Config, split: str) -> tuple[Path, Path]:
-    """Source and target files of a split, from explicit paths or the corpus folder."""
+    """Source and target files of a split, from explicit paths or the corpus folder.
+
+    Raises:
+        ConfigError: the config names no such files, or they do not exist.
+        CorpusError: the corpus folder lacks the split, or the train or dev split holds no
+            pair with text on both sides (found before any work is spent on it).
+    """
     d = cfg.data
     explicit = {"train": (d.train_src, d.train_tgt), "dev": (d.dev_src, d.dev_tgt)}.get(split)
     if explicit and explicit[0] and explicit[1]:
         for p in explicit:
             if not Path(p).is_file():  # type: ignore[arg-type]
                 raise ConfigError(f"data.{split}_src/{split}_tgt: file not found: {p}")
-        return Path(explicit[0]), Path(explicit[1])
-    if d.corpus is None:
+        files = Path(explicit[0]), Path(explicit[1])
+    elif d.corpus is None:
         raise ConfigError(f"data: no {split} files; set data.corpus or data.{split}_src/_tgt")
-    return split_files(Path(d.corpus), split, d.src_lang, d.tgt_lang)
+    else:
+        files = split_files(Path(d.corpus), split, d.src_lang, d.tgt_lang)
+    if split in ("train", "dev"):
+        require_pairs(*files)
+    return files
 
 
 @torch.no_grad()
@@ -113,6 +125,83 @@ def validate(
     }
 
 
+def score_on_dev(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Dev scores of a model directory (e.g. averaged weights), computed as validation during
+    training computes them: `validate` on the dev split of the model's config, with the length
+    ratio of its training data.
+
+    Raises:
+        ConfigError, CorpusError: the dev split the config names is not there (any more).
+        ModelFileError: the model directory is broken.
+    """
+    from nmt.translate import Translator
+
+    cfg, meta = ckpt.read_model_dir(model_dir)
+    src_path, ref_path = resolve_split(cfg, "dev")
+    translator = Translator.load(model_dir, device=device)
+    tokenizer = translator.tokenizer
+    refs = list(read_lines(ref_path))
+    a, b = meta.get("length_ratio") or (translator.max_len_a, translator.max_len_b)
+    with tempfile.TemporaryDirectory() as cache:  # built as the training run builds its dev set
+        dev = EncodedCorpus.build(src_path, ref_path, tokenizer, cache, 10_000, 1e9)
+        row_refs = [refs[int(line)] for line in dev.lines]  # rows skip empty lines
+        return validate(translator.model, dev, row_refs, tokenizer, cfg, translator.device,
+                        "fp32", (float(a), float(b)))  # fmt: skip
+
+
+def write_averaged_model(
+    run_dir: Path, checkpoints: list[Path], out: Path, device: str = "cpu", score: bool = True
+) -> dict[str, Any]:
+    """Writes a model directory holding the mean of the checkpoints' weights, with the run's
+    tokenizer and config, and returns its meta.
+
+    Its meta.json and model card carry the averaged weights' own dev scores (`score_on_dev`),
+    or say "unscored: averaged from checkpoints ..." when `score` is False or the run's dev split
+    is not at hand: never the scores of the run's shipped model.
+
+    Raises:
+        ModelFileError: a checkpoint or the run's model directory is broken (nothing written).
+    """
+    source = Path(run_dir) / "model"
+    cfg, meta = ckpt.read_model_dir(source)
+    weights = ckpt.average_checkpoints(checkpoints)
+    names = [d.name for d in checkpoints]
+    meta = {k: v for k, v in meta.items() if k not in ("scores", "selection", "weights")}
+    meta.update(averaged_from=names, weights=f"average of checkpoints {', '.join(names)}",
+                scores={}, unscored=f"averaged from checkpoints {', '.join(names)}")  # fmt: skip
+    try:  # the last checkpoint's place in training (its state holds the loop counters)
+        loop = ckpt.load_checkpoint_state(checkpoints[-1])["loop"]
+        meta.update(step=loop["step"], epoch=loop["epoch"],
+                    train_minutes=round(loop["elapsed"] / 60, 2))  # fmt: skip
+    except (ckpt.CheckpointError, KeyError, TypeError):
+        for key in ("step", "epoch", "train_minutes"):
+            meta.pop(key, None)
+    out.mkdir(parents=True, exist_ok=True)
+    Tokenizer.load(source).save(out)
+    with ckpt.atomic_path(out / ckpt.CONFIG_FILE) as tmp:
+        shutil.copyfile(source / ckpt.CONFIG_FILE, tmp)
+    ckpt.save_averaged(weights, out / ckpt.MODEL_FILE)
+    _write_meta_and_card(out, cfg, meta)  # unscored until scored, should scoring fail
+    if not score:
+        return meta
+    try:
+        record = score_on_dev(out, device)
+    except (ConfigError, CorpusError) as err:
+        logger.warning("%s: dev split not available, the averaged model is unscored: %s", out, err)
+        return meta
+    del meta["unscored"]
+    meta["scores"] = {"dev_bleu": record["dev_bleu"], "dev_chrf": record["dev_chrf"],
+                      "bleu_signature": record["bleu_signature"], "step": meta.get("step"),
+                      "dev_sentences": record["dev_sentences"]}  # fmt: skip
+    _write_meta_and_card(out, cfg, meta)
+    return meta
+
+
+def _write_meta_and_card(model_dir: Path, cfg: Config, meta: dict[str, Any]) -> None:
+    ckpt.write_json_atomic(model_dir / ckpt.META_FILE, meta)
+    ckpt.write_text_atomic(model_dir / "README.md", model_card(cfg, meta))
+
+
 def record_test_scores(cfg: Config, model_dir: Path, device: torch.device, precision: str) -> None:
     """Scores the best model on the corpus's test split (if it has one) for the model card.
 
@@ -126,8 +215,8 @@ def record_test_scores(cfg: Config, model_dir: Path, device: torch.device, preci
 
     translator = Translator.load(model_dir, device=str(device),
                                  precision="bf16" if precision == "bf16" else "fp32")  # fmt: skip
-    src = src_path.read_text(encoding="utf-8").splitlines()
-    refs = ref_path.read_text(encoding="utf-8").splitlines()
+    src = list(read_lines(src_path))  # lines split as the training data's are
+    refs = list(read_lines(ref_path))
     hyps = [""] * len(src)
     for i, result in translate_corpus(translator, src):
         hyps[i] = result.text

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.batcher import Batcher, ServiceError, TranslatorLike
 from serve.metrics import Metrics
 from serve.middleware import REQUEST_ID_HEADER, RequestContextMiddleware, error_body, request_id_of
-from serve.routes import STATIC_DIR, InvalidRequestError, build_router
+from serve.routes import STATIC_DIR, InvalidRequestError, api_key_dependency, build_router
 from serve.schemas import translate_request_model
 from serve.settings import Settings
 
@@ -29,7 +32,8 @@ Concurrent requests are translated together in token-bounded batches. Every resp
 `X-Request-ID` header (the client's own when it sends a sane one), also found in JSON bodies.
 Every error has the body `{"error": {"status", "code", "message", "request_id", "details"}}`;
 `503` responses carry `Retry-After`. When the server has API keys, send one as
-`Authorization: Bearer KEY` or `X-API-Key: KEY`; `/v1/health` and `/v1/ready` stay open.
+`Authorization: Bearer KEY` or `X-API-Key: KEY`; `/v1/health` and `/v1/ready` stay open, and
+these docs need a key too unless the server was started with `NMT_DOCS=public`.
 """
 
 _CODES = {
@@ -72,10 +76,14 @@ def create_app(
     *,
     translator: TranslatorLike | None = None,
     load: Callable[[], TranslatorLike] | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The service. The model comes from `translator` (already loaded), `load`, or
     `settings.model_dir`; the batching worker loads it at startup, and /v1/ready is 503 until
-    it has."""
+    it has. `on_load_failure(message)` is called from the worker when loading fails and
+    `settings.load_retry_s` is 0 (`nmt serve` stops the server with it).
+
+    Raises ValueError for settings that must not start a server (a key setting without keys)."""
     settings = settings or Settings()
     if translator is not None:
         loaded = translator
@@ -93,6 +101,10 @@ def create_app(
         max_queue=settings.max_queue,
         retry_after_s=settings.retry_after_s,
         warmup=settings.warmup,
+        length_cap=settings.max_output_length,
+        restart_delay_s=settings.restart_delay_s,
+        load_retry_s=settings.load_retry_s,
+        on_load_failure=on_load_failure,
     )
 
     @asynccontextmanager
@@ -101,14 +113,21 @@ def create_app(
         try:
             yield
         finally:
-            batcher.stop()
+            # joining the worker blocks: do it off the event loop, which may still be answering
+            await asyncio.to_thread(batcher.stop, settings.graceful_shutdown_s)
 
+    docs_open = settings.docs == "public" or (settings.docs == "protected" and not api_keys)
     app = FastAPI(
         title="NMT translation service",
         version="1",
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if docs_open else None,
+        docs_url="/docs" if docs_open else None,
+        redoc_url="/redoc" if docs_open else None,
     )
+    if settings.docs == "protected" and api_keys:
+        add_protected_docs(app, api_keys)
     app.state.settings = settings
     app.state.batcher = batcher
     app.include_router(build_router(settings, translate_request_model(settings), api_keys))
@@ -124,9 +143,66 @@ def create_app(
         )
     # outermost, so that CORS preflights and every error get a request id and are counted
     app.add_middleware(
-        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_concurrent=settings.max_concurrent_requests,
+        retry_after_s=settings.retry_after_s,
     )
     return app
+
+
+def run_server(host: str, port: int, workers: int = 1) -> int:
+    """Runs the service from NMT_* settings with uvicorn until SIGTERM/SIGINT; the exit code.
+
+    1 when the model cannot be loaded (unless NMT_LOAD_RETRY_S asks to keep retrying), so
+    that a broken model directory stops a deployment instead of leaving it unready forever."""
+    import uvicorn
+
+    settings = Settings()
+    settings.all_api_keys()  # a key setting without keys is an error before anything listens
+    limits: dict[str, Any] = {
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+    }
+    if workers > 1:  # uvicorn's process manager imports the app in each worker
+        uvicorn.run("serve.app:create_app", factory=True, host=host, port=port,
+                    workers=workers, log_level="info", **limits)  # fmt: skip
+        return 0
+    failure: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_failure(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop_on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", **limits))
+    server.run()
+    if failure:
+        logger.error("the model failed to load: %s", failure[0])
+        print(f"nmt serve: error: the model failed to load: {failure[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_protected_docs(app: FastAPI, api_keys: list[str]) -> None:
+    """/openapi.json, /docs and /redoc behind the API key, like the routes they describe."""
+    auth = [Depends(api_key_dependency(api_keys))]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=auth)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 def _json_error(

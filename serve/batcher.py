@@ -1,17 +1,26 @@
-"""Dynamic batching: a bounded queue of texts, token-bounded batches, one worker thread owning the model.
+"""Dynamic batching: a bounded queue of texts, work-bounded batches, one supervised worker thread.
 
 Routes call `Batcher.submit` (never blocks) and then `await` the job's events, which the worker
 hands over with `loop.call_soon_threadsafe`, so the event loop never waits on the model. The worker
-takes the oldest waiting text, waits up to `max_wait_s` for company with the same decoding options,
-and translates texts in arrival order until the padded token budget is reached. Batches only ever
-mix texts with identical options; whether a text's translation can depend on its batch mates is up
-to the model (padding is masked), which the service tests check.
+takes the waiting text whose request has been served least (oldest first among equals, so a
+64-text request cannot starve a one-text request behind it), waits up to `max_wait_s` for company
+with the same decoding options, and adds texts until the batch's work (longest source x texts x
+beams) reaches the budget. Batches only ever mix texts with identical options; whether a text's
+translation can depend on its batch mates is up to the model (padding is masked), which the
+service tests check.
+
+The worker is supervised: an error in one batch fails that batch's requests only (500, with the
+request id in the log), and anything that escapes the serving loop, even a BaseException, is
+logged, fails the batch in hand, and restarts the loop after a short pause; `ready` is False
+meanwhile. Between decoding steps the search asks whether anyone still waits for the batch, so a
+request that timed out or whose client left stops costing model time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -72,9 +81,11 @@ class TranslatorLike(Protocol):
         n_best: int = ...,
         max_length: int | None = ...,
         return_alignments: bool = ...,
+        length_cap: int | None = ...,
+        should_stop: Callable[[], bool] | None = ...,
     ) -> list[Any]: ...
 
-    def translate_stream(self, text: str) -> Iterator[str]: ...
+    def translate_stream(self, text: str, *, length_cap: int | None = ...) -> Iterator[str]: ...
 
     def info(self) -> dict[str, Any]: ...
 
@@ -87,6 +98,11 @@ class DecodeOptions:
     n_best: int = 1
     max_length: int | None = None
     return_alignments: bool = False
+
+
+def beams_of(key: DecodeOptions | str) -> int:
+    """Decoder rows one source text occupies under these options (1 for token streaming)."""
+    return key.beam_size if isinstance(key, DecodeOptions) else 1
 
 
 @dataclass(frozen=True)
@@ -107,8 +123,15 @@ class Job:
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() by which the request must be answered
     timeout_s: float
+    request_id: str = ""
     events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the route (timeout, client gone); the worker skips the job
+    batches: int = 0  # batches of this job taken so far (worker thread only): fair scheduling
+
+    @property
+    def abandoned(self) -> bool:
+        """Nobody waits for this job any more: cancelled, or past its deadline."""
+        return self.cancelled or time.monotonic() > self.deadline
 
     def emit(self, event: JobEvent) -> None:
         """Called from the worker thread: hands one event to the request's event loop."""
@@ -153,11 +176,20 @@ class _Item:
     job: Job
     index: int
     enqueued: float
-    tokens: int = 0  # source subwords, set by the worker
+    tokens: int = 0  # source subwords: given by the route, or counted by the worker
+    work: int = 0  # what it was admitted as (tokens x beams, or a guess): set by submit
+
+    @property
+    def priority(self) -> tuple[int, float]:
+        return (self.job.batches, self.enqueued)
+
+
+UNKNOWN_LENGTH = 32  # subwords assumed for a text submitted without its length
+RATE_SMOOTHING = 0.3  # weight of the newest batch in the measured work rate
 
 
 class Batcher:
-    """A queue of texts and the one thread that loads the model and translates them."""
+    """A queue of texts and the one supervised thread that loads the model and translates them."""
 
     def __init__(
         self,
@@ -165,11 +197,15 @@ class Batcher:
         *,
         metrics: Metrics,
         batching: bool = True,
-        batch_tokens: int = 4096,
+        batch_tokens: int = 16384,
         max_wait_s: float = 0.005,
         max_queue: int = 1024,
         retry_after_s: int = 1,
         warmup: bool = False,
+        length_cap: int | None = None,
+        restart_delay_s: float = 1.0,
+        load_retry_s: float = 0.0,
+        on_load_failure: Callable[[str], None] | None = None,
     ) -> None:
         self._load = load
         self.warmup = warmup
@@ -179,44 +215,91 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
+        self.length_cap = length_cap
+        self.restart_delay_s = restart_delay_s
+        self.load_retry_s = load_retry_s
+        self.on_load_failure = on_load_failure
         self.translator: TranslatorLike | None = None
         self.load_error: str | None = None
-        self._ready = threading.Event()
+        self.restarts = 0  # times the serving loop died and was started again
+        self._ready = threading.Event()  # the model is loaded
+        self._serving = False  # the serving loop runs (False while it restarts)
         self._cond = threading.Condition()
         self._inbound: list[_Item] = []  # guarded by _cond
         self._queued = 0  # texts submitted and not yet taken into a batch; guarded by _cond
+        self._queued_work = 0  # their work (subwords x beams); guarded by _cond
+        self.work_rate: float | None = None  # work per second the model got through, smoothed
+        self.max_wait_fraction = 0.8  # admit while the queue is expected to clear in this
         self._stopping = False
+        self._stop_by = math.inf  # when stopping, the batch in hand is cut off at this time
         self._pending: list[_Item] = []  # worker thread only
+        self._in_hand: list[_Item] = []  # the batch being translated; worker thread only
         self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
         """Starts the worker, which loads the model first; `ready` turns True once it has."""
-        self._thread = threading.Thread(target=self._run, name="nmt-batcher", daemon=True)
-        self._thread.start()
+        with self._thread_lock:
+            self._thread = threading.Thread(target=self._run, name="nmt-batcher", daemon=True)
+            self._thread.start()
+
+    def ensure_worker(self) -> bool:
+        """Starts a new worker if the thread died (it never should: see `_run`). True if it had."""
+        with self._thread_lock:
+            thread = self._thread
+            if thread is None or thread.is_alive() or self._stopping:
+                return False
+            logger.error("the model worker thread had died; starting a new one")
+            self.restarts += 1
+            self.metrics.worker_restarts.inc()
+            self._thread = threading.Thread(target=self._run, name="nmt-batcher", daemon=True)
+            self._thread.start()
+            return True
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stops taking work, answers everything still queued with 503 and joins the worker."""
+        """Stops taking work, answers everything still queued with 503 and joins the worker.
+
+        Blocks up to timeout_s: call it from a thread, not the event loop. The batch in hand, if
+        any, finishes if it can within timeout_s, else stops at a decoding step then."""
         with self._cond:
+            self._stop_by = time.monotonic() + timeout_s
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
                 logger.warning("batcher worker still busy after %.0f s; leaving it", timeout_s)
         self.metrics.ready.set(0)
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self._stopping
+        """Whether requests are accepted now: model loaded, worker serving, not stopping."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.ensure_worker()
+            return False
+        return self._ready.is_set() and self._serving and not self._stopping
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def restarting(self) -> bool:
+        """The model is loaded but the serving loop is down, about to start again."""
+        return self._ready.is_set() and not self._serving and not self._stopping
 
     def wait_ready(self, timeout_s: float) -> bool:
-        """Blocks until the model is loaded (True) or loading failed or timed out (False)."""
+        """Blocks until requests are accepted (True), or loading failed or timed out (False)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.load_error is None:
-            if self._ready.wait(0.05):
+        while time.monotonic() < deadline:
+            if self.ready:
                 return True
+            if self.load_error is not None and self.load_retry_s <= 0:
+                return False
+            time.sleep(0.02)
         return False
 
     @property
@@ -225,14 +308,27 @@ class Batcher:
 
     # -- the route side (event loop thread) ---------------------------------------------------
 
-    def submit(self, texts: list[str], key: DecodeOptions | str, timeout_s: float) -> Job:
-        """Queues texts for translation; raises a ServiceError at once when that cannot happen."""
-        if self.load_error is not None:
-            raise NotReadyError("the model failed to load; see the server log")
+    def submit(
+        self,
+        texts: list[str],
+        key: DecodeOptions | str,
+        timeout_s: float,
+        *,
+        lengths: list[int] | None = None,
+        request_id: str = "",
+    ) -> Job:
+        """Queues texts for translation; raises a ServiceError at once when that cannot happen.
+
+        `lengths`: each text's source subwords, when the route has counted them already."""
         if not self._ready.is_set():
+            if self.load_error is not None:
+                raise NotReadyError("the model failed to load; see the server log")
             raise NotReadyError("the model is still loading", self.retry_after_s)
+        if not self.ready and not self._stopping:
+            raise NotReadyError("the model worker is restarting", self.retry_after_s)
         now = time.monotonic()
-        job = Job(texts, key, asyncio.get_running_loop(), now + timeout_s, timeout_s)
+        job = Job(texts, key, asyncio.get_running_loop(), now + timeout_s, timeout_s, request_id)
+        counts = lengths if lengths is not None else [0] * len(texts)
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError("the server is shutting down", self.retry_after_s)
@@ -243,17 +339,39 @@ class Batcher:
                     "waiting); retry later",
                     self.retry_after_s,
                 )
-            self._inbound.extend(_Item(job, i, now) for i in range(len(texts)))
+            items = [
+                _Item(job, i, now, max(n, 1) if lengths is not None else 0)
+                for i, n in enumerate(counts)
+            ]
+            for item in items:
+                item.work = (item.tokens or UNKNOWN_LENGTH) * beams_of(key)
+            self._admit(sum(it.work for it in items), timeout_s)
+            self._inbound.extend(items)
             self._queued += len(texts)
+            self._queued_work += sum(it.work for it in items)
             self.metrics.queue_depth.set(self._queued)
             self._cond.notify()
         return job
 
+    def _admit(self, work: int, timeout_s: float) -> None:
+        """Refuses work that the queue ahead of it would keep from finishing in time (503 with
+        Retry-After now beats a 504 after the timeout). Caller holds _cond."""
+        if self.work_rate is None:
+            return
+        wait_s = (self._queued_work + work) / self.work_rate
+        if wait_s > self.max_wait_fraction * timeout_s and self._queued > 0:
+            self.metrics.rejected.labels("queue_time").inc()
+            raise QueueFullError(
+                f"the server is busy: the queued work would take about {wait_s:.0f} s, longer "
+                f"than the request timeout of {timeout_s:g} s allows; retry later",
+                max(self.retry_after_s, min(60, round(wait_s - timeout_s / 2))),
+            )
+
     async def translate(
-        self, texts: list[str], options: DecodeOptions, timeout_s: float
+        self, texts: list[str], options: DecodeOptions, timeout_s: float, **submit: Any
     ) -> list[Any]:
         """Translations of `texts` in input order, translated together with other requests."""
-        job = self.submit(texts, options, timeout_s)
+        job = self.submit(texts, options, timeout_s, **submit)
         results: list[Any] = [None] * len(texts)
         async for event in job.stream():
             results[event.index] = event.value
@@ -262,29 +380,71 @@ class Batcher:
     # -- the worker thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The worker thread: load the model, then serve; restart serving whenever it dies."""
         try:
-            self.translator = self._load()
-            if self.warmup:
-                self._warm_up(self.translator)
-        except Exception as err:
-            self.load_error = f"{type(err).__name__}: {err}"
-            logger.exception("loading the model failed")
-            return
-        self._ready.set()
-        self.metrics.ready.set(1)
-        logger.info("model loaded; batching=%s batch_tokens=%d", self.batching, self.batch_tokens)
-        try:
-            while (batch := self._next_batch()) is not None:
-                self._process(batch)
+            if not self._ready.is_set() and not self._load_model():
+                return
+            while not self._stopping:
+                try:
+                    self._serving = True
+                    self.metrics.ready.set(1)
+                    self._serve()
+                except BaseException:  # noqa: BLE001 - supervision: nothing may end the worker
+                    self._serving = False
+                    self.metrics.ready.set(0)
+                    self.restarts += 1
+                    self.metrics.worker_restarts.inc()
+                    logger.exception(
+                        "the model worker failed outside a batch; restarting in %.1f s",
+                        self.restart_delay_s,
+                    )
+                    self._fail_in_hand()
+                    with self._cond:
+                        if not self._stopping:
+                            self._cond.wait(self.restart_delay_s)
         finally:
-            self._fail_all(ShuttingDownError("the server is shutting down"))
+            self._serving = False
+            self.metrics.ready.set(0)
+            if self._stopping:
+                self._fail_all(ShuttingDownError("the server is shutting down", self.retry_after_s))
 
-    @staticmethod
-    def _warm_up(translator: TranslatorLike) -> None:
+    def _load_model(self) -> bool:
+        """Loads (and warms up) the model, retrying every load_retry_s if asked. True on success."""
+        while not self._stopping:
+            try:
+                translator = self._load()
+                if self.warmup:
+                    self._warm_up(translator)
+            except Exception as err:
+                self.load_error = f"{type(err).__name__}: {err}"
+                logger.exception("loading the model failed")
+                if self.load_retry_s <= 0:
+                    if self.on_load_failure is not None:
+                        self.on_load_failure(self.load_error)
+                    return False
+                logger.info("retrying in %g s", self.load_retry_s)
+                with self._cond:
+                    self._cond.wait(self.load_retry_s)
+                continue
+            self.translator, self.load_error = translator, None
+            self._ready.set()
+            logger.info(
+                "model loaded; batching=%s batch_tokens=%d", self.batching, self.batch_tokens
+            )
+            return True
+        return False
+
+    def _serve(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._in_hand = batch
+            self._process(batch)
+            self._in_hand = []
+
+    def _warm_up(self, translator: TranslatorLike) -> None:
         """One short translation, so the first client does not pay for kernel setup."""
         start = time.perf_counter()
-        translator.translate(["Hello, world."], beam_size=1)
-        translator.translate(["Hello, world."])
+        translator.translate(["Hello, world."], beam_size=1, length_cap=self.length_cap)
+        translator.translate(["Hello, world."], length_cap=self.length_cap)
         logger.info("warm-up took %.2f s", time.perf_counter() - start)
 
     def _collect(self, timeout_s: float) -> bool:
@@ -297,66 +457,103 @@ class Batcher:
                 self._cond.wait(timeout_s)
             new, self._inbound = self._inbound, []
             stopping = self._stopping
-        if new:
-            assert self.translator is not None
-            lengths = self.translator.tokenizer.encode_src([it.job.texts[it.index] for it in new])
-            for item, ids in zip(new, lengths, strict=True):
-                item.tokens = max(len(ids), 1)  # an empty encoding still costs one position
-            self._pending.extend(new)
+        uncounted = [it for it in new if it.tokens == 0]
+        if uncounted:
+            failed = self._count_tokens(uncounted)
+            if failed:  # those requests fail; everyone else is served
+                self._fail_jobs([it for it in new if id(it.job) in failed])
+                self._dequeued([it for it in new if id(it.job) in failed])
+                new = [it for it in new if id(it.job) not in failed]
+        self._pending.extend(new)
         return not stopping
+
+    def _count_tokens(self, items: list[_Item]) -> set[int]:
+        """Sets each item's subword count; returns the ids of the jobs whose texts failed."""
+        assert self.translator is not None
+        encode = self.translator.tokenizer.encode_src
+        try:
+            lengths = encode([it.job.texts[it.index] for it in items])
+        except Exception:  # find the culprits one by one
+            lengths, failed = [], set()
+            for it in items:
+                try:
+                    lengths.append(encode([it.job.texts[it.index]])[0])
+                except Exception:
+                    logger.exception("counting subwords failed (request %s)", it.job.request_id)
+                    lengths.append([])
+                    failed.add(id(it.job))
+        else:
+            failed = set()
+        for item, ids in zip(items, lengths, strict=True):
+            item.tokens = max(len(ids), 1)  # an empty encoding still costs one position
+        return failed
 
     def _drop_cancelled(self) -> None:
         kept = [it for it in self._pending if not it.job.cancelled]
         if len(kept) != len(self._pending):
-            self._dequeued(len(self._pending) - len(kept))
+            self._dequeued([it for it in self._pending if it.job.cancelled])
             self._pending = kept
 
-    def _dequeued(self, n: int) -> None:
+    def _dequeued(self, items: list[_Item]) -> None:
         with self._cond:
-            self._queued -= n
+            self._queued -= len(items)
+            self._queued_work -= sum(it.work for it in items)
             self.metrics.queue_depth.set(self._queued)
 
     def _next_batch(self) -> list[_Item] | None:
-        """The next batch (one option set, at most batch_tokens padded tokens), or None to stop."""
+        """The next batch (one option set, within the work budget), or None to stop."""
         while True:
             if not self._collect(0.0 if self._pending else 0.25):
                 return None
             self._drop_cancelled()
             if not self._pending:
                 continue
-            first = self._pending[0]
+            first = min(self._pending, key=lambda it: it.priority)
             if self.batching and first.job.key != STREAM:
                 fill_by = first.enqueued + self.max_wait_s
                 while (left := fill_by - time.monotonic()) > 0 and not self._full(first.job.key):
                     if not self._collect(left):
                         return None
                 self._drop_cancelled()
-                if not self._pending or self._pending[0] is not first:
-                    continue  # the oldest text went away while waiting; start again
+                if not self._pending or min(self._pending, key=lambda it: it.priority) is not first:
+                    continue  # the chosen text went away or lost its turn while waiting
             batch = self._take(first)
-            self._dequeued(len(batch))
+            for job in {id(it.job): it.job for it in batch}.values():
+                job.batches += 1
+            self._dequeued(batch)
             return batch
+
+    def _work(self, longest: int, n: int, key: DecodeOptions | str) -> int:
+        """The budgeted work of n texts padded to `longest` subwords: decoder rows x length."""
+        return longest * n * beams_of(key)
 
     def _full(self, key: DecodeOptions | str) -> bool:
         same = [it.tokens for it in self._pending if it.job.key == key]
-        return max(same) * len(same) >= self.batch_tokens
+        return self._work(max(same), len(same), key) >= self.batch_tokens
 
     def _take(self, first: _Item) -> list[_Item]:
-        """Texts in arrival order with first's options (first's request only without batching)."""
-        if first.job.key == STREAM:
+        """`first` and the texts with its options that fit the budget, least-served first
+        (first's request only without batching)."""
+        key = first.job.key
+        if key == STREAM:
             chosen = [first]
         else:
+            candidates = sorted(
+                (
+                    it
+                    for it in self._pending
+                    if it.job.key == key and (self.batching or it.job is first.job)
+                ),
+                key=lambda it: it.priority,
+            )
             chosen, longest = [], 0
-            for item in self._pending:
-                if item.job.key != first.job.key or (
-                    not self.batching and item.job is not first.job
-                ):
-                    continue
+            for item in candidates:
                 longest_if = max(longest, item.tokens)
-                if chosen and longest_if * (len(chosen) + 1) > self.batch_tokens:
+                if chosen and self._work(longest_if, len(chosen) + 1, key) > self.batch_tokens:
                     break
                 chosen.append(item)
                 longest = longest_if
+            chosen.sort(key=lambda it: it.enqueued)
         taken = set(map(id, chosen))
         self._pending = [it for it in self._pending if id(it) not in taken]
         return chosen
@@ -372,24 +569,46 @@ class Batcher:
                 assert isinstance(key, DecodeOptions)
                 self._translate_batch(batch, key)
         except Exception as err:  # a bug or a model failure: answer every request, keep serving
-            logger.exception("translation failed for a batch of %d texts", len(batch))
-            failure = TranslationFailedError(f"translation failed ({type(err).__name__})")
-            for job in {id(it.job): it.job for it in batch}.values():
-                job.emit(JobEvent("error", value=failure))
+            if _is_cancellation(err):
+                logger.info("a batch of %d texts stopped: nobody waits for it", len(batch))
+                self.metrics.cancelled_batches.inc()
+                stopping = ShuttingDownError("the server is shutting down", self.retry_after_s)
+                for job in {id(it.job): it.job for it in batch}.values():
+                    if not job.abandoned:
+                        job.emit(JobEvent("error", value=stopping))
+                return
+            ids = sorted({it.job.request_id for it in batch if it.job.request_id})
+            logger.exception(
+                "translation failed for a batch of %d texts (requests %s)", len(batch), ids
+            )
+            self._fail_jobs(batch)
             return
-        self.metrics.batch_seconds.observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        work = self._work(max(it.tokens for it in batch), len(batch), key)
+        if key != STREAM and seconds > 0:
+            rate = sum(it.work for it in batch) / seconds
+            old = self.work_rate
+            self.work_rate = rate if old is None else old + RATE_SMOOTHING * (rate - old)
+        self.metrics.batch_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tokens.observe(max(it.tokens for it in batch) * len(batch))
+        self.metrics.batch_tokens.observe(work)
         self.metrics.texts.inc(len(batch))
 
     def _translate_batch(self, batch: list[_Item], options: DecodeOptions) -> None:
         assert self.translator is not None
+        jobs = list({id(it.job): it.job for it in batch}.values())
+
+        def nobody_waits() -> bool:
+            return all(job.abandoned for job in jobs) or time.monotonic() > self._stop_by
+
         results = self.translator.translate(
             [it.job.texts[it.index] for it in batch],
             beam_size=options.beam_size,
             n_best=options.n_best,
             max_length=options.max_length,
             return_alignments=options.return_alignments,
+            length_cap=self.length_cap,
+            should_stop=nobody_waits,
         )
         for item, result in zip(batch, results, strict=True):
             item.job.emit(JobEvent("result", item.index, result))
@@ -397,17 +616,39 @@ class Batcher:
     def _stream_one(self, item: _Item) -> None:
         assert self.translator is not None
         job = item.job
-        for text in self.translator.translate_stream(job.texts[item.index]):
-            if job.cancelled or time.monotonic() > job.deadline:
+        for text in self.translator.translate_stream(
+            job.texts[item.index], length_cap=self.length_cap
+        ):
+            if job.abandoned or time.monotonic() > self._stop_by:
                 return  # the route has answered with a timeout or the client has left
             job.emit(JobEvent("token", item.index, text))
         job.emit(JobEvent("end", item.index))
+
+    def _fail_jobs(self, items: list[_Item]) -> None:
+        """Answers the requests of these texts with a 500 that names no internals."""
+        failure = TranslationFailedError(
+            "translation failed on the server; the server log has the details under this request id"
+        )
+        for job in {id(it.job): it.job for it in items}.values():
+            job.emit(JobEvent("error", value=failure))
+
+    def _fail_in_hand(self) -> None:
+        batch, self._in_hand = self._in_hand, []
+        if batch:
+            self._fail_jobs(batch)
 
     def _fail_all(self, error: ServiceError) -> None:
         with self._cond:
             items, self._inbound = self._pending + self._inbound, []
             self._pending = []
             self._queued = 0
+            self._queued_work = 0
             self.metrics.queue_depth.set(0)
         for job in {id(it.job): it.job for it in items}.values():
             job.emit(JobEvent("error", value=error))
+
+
+def _is_cancellation(err: BaseException) -> bool:
+    """Whether err is nmt.search's SearchCancelledError (matched by name: this module stays
+    importable without torch)."""
+    return any(cls.__name__ == "SearchCancelledError" for cls in type(err).__mro__)

@@ -35,7 +35,7 @@ class Metrics:
         )
         self.batch_tokens = Histogram(
             "nmt_batch_padded_tokens",
-            "Padded source tokens (longest text x texts) of one model call.",
+            "Work of one model call: longest source in subwords x texts x beams.",
             buckets=BATCH_TOKEN_BUCKETS,
             registry=self.registry,
         )
@@ -59,6 +59,16 @@ class Metrics:
             "nmt_rejected_requests",
             "Requests turned away before translation, by reason.",
             ["reason"],
+            registry=self.registry,
+        )
+        self.worker_restarts = Counter(
+            "nmt_worker_restarts",
+            "Times the model worker's serving loop died and was started again.",
+            registry=self.registry,
+        )
+        self.cancelled_batches = Counter(
+            "nmt_cancelled_batches",
+            "Batches stopped between decoding steps because nobody waited for them any more.",
             registry=self.registry,
         )
         self.ready = Gauge(

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve.metrics import Metrics
 
 REQUEST_ID_HEADER = "X-Request-ID"
+UNLIMITED_PATHS = frozenset({"/v1/health", "/v1/ready"})  # probes work under any load
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")  # echoed only when it looks like an id
 
 
@@ -47,10 +48,21 @@ class RequestContextMiddleware:
     """Gives every request an id (the client's X-Request-ID when sane), returns it as a header,
     enforces the body size limit (413), and records requests and latency by route template."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        max_concurrent: int | None = None,
+        retry_after_s: int = 1,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_concurrent = max_concurrent
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0  # requests being answered (the event loop is single-threaded)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,9 +99,20 @@ class RequestContextMiddleware:
                     raise BodyTooLargeError(self.max_body_bytes)
             return message
 
+        self.in_flight += 1
         try:
             declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
+            if (
+                self.max_concurrent is not None
+                and self.in_flight > self.max_concurrent
+                and scope.get("path") not in UNLIMITED_PATHS
+            ):
+                self.metrics.rejected.labels("too_many_requests").inc()
+                message = (
+                    f"the server is answering {self.max_concurrent} requests already; retry later"
+                )
+                await self._reply(send_with_id, request_id, 503, "overloaded", message)
+            elif declared.isdigit() and int(declared) > self.max_body_bytes:
                 await self._too_large(send_with_id, request_id)
             else:
                 try:
@@ -99,6 +122,7 @@ class RequestContextMiddleware:
                         raise
                     await self._too_large(send_with_id, request_id)
         finally:
+            self.in_flight -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
@@ -107,16 +131,20 @@ class RequestContextMiddleware:
 
     async def _too_large(self, send: Send, request_id: str) -> None:
         message = f"request body is larger than the limit of {self.max_body_bytes} bytes"
-        body = json.dumps(error_body(413, "payload_too_large", message, request_id)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
+        await self._reply(send, request_id, 413, "payload_too_large", message)
+
+    async def _reply(
+        self, send: Send, request_id: str, status: int, code: str, message: str
+    ) -> None:
+        """An error answered here, before the app: the body is not read, so the connection
+        closes."""
+        body = json.dumps(error_body(status, code, message, request_id)).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        if status == 503:
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

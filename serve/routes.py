@@ -19,7 +19,14 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serve.batcher import STREAM, Batcher, DecodeOptions, NotReadyError, ServiceError
+from serve.batcher import (
+    STREAM,
+    Batcher,
+    DecodeOptions,
+    NotReadyError,
+    ServiceError,
+    TranslatorLike,
+)
 from serve.middleware import error_body, request_id_of
 from serve.schemas import (
     Alignment,
@@ -95,8 +102,20 @@ SSE_EVENT_SCHEMA: dict[str, Any] = {
 }
 
 
+ALIGNMENT_DECIMALS = 4  # attention weights are rounded: 7 characters of JSON each, not 20
+
+
 def _finite(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _weights(rows: list[list[float]] | None) -> list[list[float | None]] | None:
+    """Attention rows rounded, non-finite weights as null (JSON has no NaN)."""
+    if rows is None:
+        return None
+    return [
+        [round(w, ALIGNMENT_DECIMALS) if math.isfinite(w) else None for w in row] for row in rows
+    ]
 
 
 def to_translation(result: Any, options: DecodeOptions) -> Translation:
@@ -106,7 +125,7 @@ def to_translation(result: Any, options: DecodeOptions) -> Translation:
         alignment = Alignment(
             src_tokens=list(result.src_tokens),
             tgt_tokens=list(result.tgt_tokens),
-            attention=result.attention,
+            attention=_weights(result.attention),
         )
     return Translation(
         text=result.text,
@@ -147,7 +166,8 @@ def api_key_dependency(keys: list[str]) -> Callable[..., Any]:
         presented = [credentials.credentials if credentials else "", api_key or ""]
         ok = False
         for value in presented:
-            given = value.encode("utf-8", "surrogateescape")
+            # the server decoded the header bytes as latin-1: encoding back gives those bytes
+            given = value.encode("latin-1", "replace")
             for key in encoded:
                 ok |= bool(value) and hmac.compare_digest(given, key)
         if not ok:
@@ -184,7 +204,31 @@ def build_router(
                 "default); ask for a larger beam_size",
                 ["body", "n_best"],
             )
+        if body.return_alignments and len(body.text) > settings.max_alignment_texts:
+            raise InvalidRequestError(
+                f"return_alignments is allowed for at most {settings.max_alignment_texts} texts "
+                f"per request (got {len(body.text)})",
+                ["body", "return_alignments"],
+            )
         return DecodeOptions(beam, body.n_best, body.max_length, body.return_alignments)
+
+    async def subword_counts(texts: list[str], batcher: Batcher) -> list[int]:
+        """Each text's source subwords after the tokenizer's normalisation; 422 over the limit
+        (characters are counted before normalisation, which can multiply them)."""
+        tokenizer = ready_translator(batcher).tokenizer
+        if sum(map(len, texts)) <= INLINE_ENCODE_CHARS:
+            encoded = tokenizer.encode_src(texts)
+        else:  # long texts take milliseconds: keep the event loop free meanwhile
+            encoded = await asyncio.to_thread(tokenizer.encode_src, texts)
+        counts = [len(ids) for ids in encoded]
+        for i, n in enumerate(counts):
+            if n > settings.max_tokens:
+                raise InvalidRequestError(
+                    f"text {i} is {n} subwords long after normalisation; the limit is "
+                    f"{settings.max_tokens} (split it into sentences)",
+                    ["body", "text", i],
+                )
+        return counts
 
     @protected.post(
         "/v1/translate",
@@ -203,8 +247,13 @@ def build_router(
         `return_alignments`, the subwords and attention matrix. Concurrent requests with the same
         decoding options are translated together."""
         options = resolve(body, batcher)
+        lengths = await subword_counts(body.text, batcher)
+        request_id = request_id_of(request.scope)
         results = await unless_disconnected(
-            request, batcher.translate(body.text, options, timeout_s)
+            request,
+            batcher.translate(
+                body.text, options, timeout_s, lengths=lengths, request_id=request_id
+            ),
         )
         return TranslateResponse(
             request_id=request_id_of(request.scope),
@@ -236,9 +285,16 @@ def build_router(
         starts, so a full queue is still a plain 503."""
         options = resolve(body, batcher)
         texts: list[str] = body.text
+        lengths = await subword_counts(texts, batcher)
         token_mode = len(texts) == 1 and options == DecodeOptions(beam_size=1)
-        job = batcher.submit(texts, STREAM if token_mode else options, timeout_s)
         request_id = request_id_of(request.scope)
+        job = batcher.submit(
+            texts,
+            STREAM if token_mode else options,
+            timeout_s,
+            lengths=lengths,
+            request_id=request_id,
+        )
 
         async def events() -> AsyncIterator[str]:
             last = ""
@@ -283,7 +339,9 @@ def build_router(
             device=str(info.get("device", "")),
             limits=Limits(
                 max_chars=settings.max_chars,
+                max_tokens=settings.max_tokens,
                 max_texts=settings.max_texts,
+                max_alignment_texts=settings.max_alignment_texts,
                 max_beam_size=settings.max_beam_size,
                 max_output_length=settings.max_output_length,
                 request_timeout_s=settings.request_timeout_s,
@@ -316,12 +374,18 @@ def build_router(
         summary="Readiness",
     )
     async def ready(batcher: BatcherDep, response: Response) -> Ready:
-        """200 once the model is loaded and requests are accepted; 503 until then."""
+        """200 while requests are accepted; 503 while the model loads, after it failed to load,
+        while the model worker restarts, and while the server stops."""
         if batcher.ready:
             return Ready(status="ready")
         response.status_code = 503
+        response.headers["Retry-After"] = str(batcher.retry_after_s)
+        if batcher.stopping:
+            return Ready(status="stopping")
         if batcher.load_error is not None:
             return Ready(status="failed", error="the model failed to load; see the server log")
+        if batcher.restarting:
+            return Ready(status="restarting", error="the model worker is restarting")
         return Ready(status="loading")
 
     @router.get("/", include_in_schema=False)
@@ -356,10 +420,19 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) ->
     raise ClientGoneError("the client closed the connection")
 
 
-def ready_info(batcher: Batcher) -> dict[str, Any]:
+INLINE_ENCODE_CHARS = 4096  # texts shorter than this are encoded on the event loop
+
+
+def ready_translator(batcher: Batcher) -> TranslatorLike:
     if batcher.translator is None:
+        if batcher.load_error is not None:
+            raise NotReadyError("the model failed to load; see the server log")
         raise NotReadyError("the model is still loading", batcher.retry_after_s)
-    return batcher.translator.info()
+    return batcher.translator
+
+
+def ready_info(batcher: Batcher) -> dict[str, Any]:
+    return ready_translator(batcher).info()
 
 
 def public_config(config: dict[str, Any]) -> dict[str, Any]:

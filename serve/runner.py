@@ -75,19 +75,24 @@ def serve_in_thread(app: Any, ready_timeout_s: float = 60.0) -> Iterator[str]:
 @contextmanager
 def serve_in_subprocess(
     model_dir: str | Path,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     ready_timeout_s: float = 120.0,
     log_path: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Runs `nmt serve --model MODEL_DIR` on a free loopback port; yields (base URL, process).
 
-    `env` adds NMT_* settings. On exit the server gets SIGTERM (a graceful shutdown), then SIGKILL
+    `env` adds NMT_* settings (None removes a variable). On exit the server gets SIGTERM (a graceful shutdown), then SIGKILL
     if it has not stopped within 20 s.
     """
     port = free_port()
     cmd = [sys.executable, "-m", "nmt.cli", "serve", "--model", str(model_dir)]
     cmd += ["--host", HOST, "--port", str(port)]
-    full_env = {**os.environ, **(env or {})}
+    full_env = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
     log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     base_url = f"http://{HOST}:{port}"

@@ -6,6 +6,7 @@ model; every error response has the shape of `ErrorResponse`.
 """
 
 import re
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -26,10 +27,26 @@ from serve.settings import Settings
 _BAD_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
+# characters that render as nothing although their category says letter or symbol
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u17b4\u17b5")
+
+
+def _invisible(char: str) -> bool:
+    """Whitespace, format characters (zero-width space and joiners, BOM, bidi marks, ...),
+    lone combining marks and variation selectors, and the few blank letters."""
+    category = unicodedata.category(char)
+    return category[0] in "ZC" or category in ("Mn", "Me") or char in _BLANK_LETTERS
+
+
 def check_text(text: str) -> str:
     """One sentence of real text: not blank, no control characters, no unpaired surrogates."""
     if not text.strip():
         raise ValueError("text is empty or only whitespace")
+    if all(_invisible(c) for c in text):
+        raise ValueError(
+            "text has no visible characters (only whitespace, zero-width or other invisible "
+            f"characters such as U+{ord(next(c for c in text if not c.isspace())):04X})"
+        )
     bad = _BAD_CHAR.search(text)
     if bad is not None:
         char = bad.group()
@@ -121,7 +138,8 @@ def translate_request_model(settings: Settings) -> type[TranslateRequestBase]:
                 ge=1,
                 le=settings.max_output_length,
                 description="Most target subwords per translation. Default: from the "
-                "source length, as the model was configured.",
+                "source length, as the model was configured, and never more than "
+                f"{settings.max_output_length}.",
             ),
         ),
         return_alignments=(
@@ -149,9 +167,10 @@ class Alignment(BaseModel):
     tgt_tokens: list[str] = Field(
         description="Target subwords of the best translation, '</s>' last."
     )
-    attention: list[list[float]] | None = Field(
-        description="Attention weights, one row per target subword, one column per source "
-        "subword; each row sums to 1. Null when the model does not produce attention."
+    attention: list[list[float | None]] | None = Field(
+        description="Attention weights rounded to 4 decimals, one row per target subword, one "
+        "column per source subword; each row sums to 1. Null when the model does not produce "
+        "attention; a weight that is not a finite number is null."
     )
 
 
@@ -200,15 +219,17 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
-    status: Literal["ready", "loading", "failed"]
+    status: Literal["ready", "loading", "failed", "restarting", "stopping"]
     error: str | None = None
 
 
 class Limits(BaseModel):
     max_chars: int
+    max_tokens: int = Field(description="Source subwords per text, after normalisation.")
     max_texts: int
+    max_alignment_texts: int = Field(description="Texts per request with return_alignments.")
     max_beam_size: int
-    max_output_length: int
+    max_output_length: int = Field(description="Output subwords per text, whatever is asked.")
     request_timeout_s: float
 
 

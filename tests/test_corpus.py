@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from nmt.corpus import (
     count_lines,
     drop_reason,
     filter_pairs,
+    iter_lines,
     list_languages,
     normalize_text,
     prepare_corpus,
@@ -23,6 +26,7 @@ from nmt.corpus import (
     read_manifest,
     read_parallel,
     read_tsv,
+    require_pairs,
     split_files,
     write_corpus,
 )
@@ -92,11 +96,64 @@ def test_split_files_finds_a_split_and_explains_what_is_missing(toy_corpus: Path
 
 
 def test_read_tsv(tmp_path: Path) -> None:
-    path = write(tmp_path / "p.tsv", "hola\thello\n\nadiós\tbye\textra\n")
+    path = write(tmp_path / "p.tsv", "hola\thello\n\nadiós\tbye\n")
     assert list(read_tsv(path)) == [("hola", "hello"), ("", ""), ("adiós", "bye")]
     bad = write(tmp_path / "bad.tsv", "hola\thello\nsolo una columna\n")
     with pytest.raises(CorpusError, match=r"bad\.tsv: line 2 has 1 tab-separated column"):
         list(read_tsv(bad))
+    three = write(tmp_path / "three.tsv", "7\thola\thello\n8\tadiós\tbye\n")
+    assert list(read_tsv(three, 1, 2)) == [("hola", "hello"), ("adiós", "bye")]
+
+
+def test_a_tab_inside_a_tsv_sentence_is_an_error_naming_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.tsv", "hola\thello\nadiós\tbye\tfor now\n")
+    with pytest.raises(CorpusError, match=r"p\.tsv: line 2 has 3 tab-separated column.*expected 2"):
+        list(read_tsv(path))
+    with pytest.raises(CorpusError, match=r"line 2 has 4 .*expected 3; a tab inside a sentence"):
+        list(read_tsv(write(tmp_path / "q.tsv", "1\ta\tb\n2\ta\tb\tc\n"), 1, 2))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, r"line 2 is JSON nested too deeply"),
+        ('{"src": ' + "9" * 5000 + ', "tgt": "x"}', r"line 2 cannot be read as JSON \(Exceeds"),
+        ('{"src": "ok", "tgt": "bad \\ud800 half"}', r"line 2, field 'tgt': unpaired surrogate"),
+        ('{"translation": {"es": 5, "en": "five"}}', r"line 2, field 'translation.es': expected a"),
+        ('{"es": ["a"], "en": "x"}', r"line 2, field 'es': expected a string, got list"),
+    ],
+)
+def test_jsonl_that_is_not_text_pairs_is_an_error_naming_line_and_field(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    path = write(tmp_path / "p.jsonl", '{"src": "hola", "tgt": "hello"}\n' + line + "\n")
+    with pytest.raises(CorpusError, match=rf"p\.jsonl: {message}"):
+        list(read_jsonl(path, "es", "en"))
+
+
+def test_lines_of_a_stream_split_as_a_file_does(tmp_path: Path) -> None:
+    raw = "\ufeffuno\r\ndos\u2028tres\rcuatro\fcinco\n\nseis".encode()
+    streamed = list(iter_lines(io.BytesIO(raw), "<stdin>"))
+    assert streamed == list(read_lines(write(tmp_path / "x", raw)))
+    assert streamed == ["uno", "dos\u2028tres\rcuatro\fcinco", "", "seis"]
+    with pytest.raises(CorpusError, match=r"<stdin>: line 2 is not valid UTF-8"):
+        list(iter_lines(io.BytesIO(b"ok\nbad \xff\n"), "<stdin>"))
+
+
+def test_require_pairs_finds_a_pair_with_text_or_says_there_is_none(tmp_path: Path) -> None:
+    require_pairs(write(tmp_path / "a.es", "\nhola\n"), write(tmp_path / "a.en", "\nhello\n"))
+    empty = write(tmp_path / "e.es", ""), write(tmp_path / "e.en", "")
+    with pytest.raises(CorpusError, match=r"no sentence pairs: .*e\.es and .*e\.en are empty"):
+        require_pairs(*empty)
+    one_sided = write(tmp_path / "o.es", "hola\n\n"), write(tmp_path / "o.en", "\n \n")
+    with pytest.raises(CorpusError, match=r"have 2 lines but none with text on both sides"):
+        require_pairs(*one_sided)
+
+
+def test_prepare_corpus_with_no_training_pair_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match=r"no training pairs .*kept 0 pairs, dropped 1"):
+        prepare_corpus(tmp_path / "c", "es", "en", [("", "x")], {"dev": [("a", "b")]}, "test")
+    assert not list((tmp_path / "c").iterdir())
 
 
 def test_read_jsonl_both_schemas(tmp_path: Path) -> None:
@@ -228,3 +285,43 @@ def test_reading_in_blocks_keeps_lines_and_line_numbers(
         CorpusError, match=r"x\.es: line 41 is not valid UTF-8 \(byte 0xe2 at byte offset 0\)"
     ):
         next(it)
+
+
+# -- what `nmt train` makes of it ---------------------------------------------------------------
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def train_argv(corpus: Path, run: Path) -> list[str]:
+    sets = [f"data.corpus={corpus}", "data.src_lang=es", "data.tgt_lang=en", "train.max_steps=2",
+            "train.valid_every=2", "train.test_at_end=false"]  # fmt: skip
+    return ["train", "--config", str(TINY), "--run-dir", str(run), "--no-progress",
+            *(arg for s in sets for arg in ("--set", s))]  # fmt: skip
+
+
+def test_training_on_an_empty_split_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nmt.cli import main
+
+    corpus = tmp_path / "c"
+    write_corpus(corpus, {"train": [], "dev": [("hola", "hello")]}, "es", "en", source="test")
+    assert main(train_argv(corpus, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{corpus / 'train.es'} and {corpus / 'train.en'} are empty" in err
+
+
+def test_training_reads_dev_references_as_it_reads_dev_sources(
+    toy_corpus: Path, tmp_path: Path
+) -> None:
+    from nmt.cli import main
+
+    corpus = Path(shutil.copytree(toy_corpus, tmp_path / "c"))
+    refs = (corpus / "dev.en").read_text("utf-8").split("\n")
+    refs[3] = refs[3].replace(" ", "\u2028", 1)  # str.splitlines would split these lines
+    refs[5] = refs[5].replace(" ", "\r", 1)
+    (corpus / "dev.en").write_text("\n".join(refs), encoding="utf-8", newline="")
+    assert main(train_argv(corpus, tmp_path / "run")) == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open(encoding="utf-8")]
+    assert [r["dev_sentences"] for r in records if r["kind"] == "valid"] == [30]

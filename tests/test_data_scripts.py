@@ -209,6 +209,30 @@ def test_local_bad_input_is_a_clear_error_and_writes_nothing(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_local_with_no_training_pair_fails_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.de").write_text("\n\n")
+    (tmp_path / "a.en").write_text("one\n\n")
+    (tmp_path / "e.tsv").write_text("")
+    base = ["--src", "de", "--tgt", "en", "--out", str(tmp_path / "out"), "--train"]
+    for train in ([str(tmp_path / "a.de"), str(tmp_path / "a.en")], [str(tmp_path / "e.tsv")]):
+        assert local.main(base + train) == 1
+        assert "no training pairs" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_local_tsv_with_a_tab_inside_the_target_names_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "train.tsv").write_text("hallo\thello\nwelt\tthe\tworld\n")
+    out = tmp_path / "out"
+    argv = ["--src", "de", "--tgt", "en", "--out", str(out), "--train", str(tmp_path / "train.tsv")]
+    assert local.main(argv) == 1
+    assert "train.tsv: line 2 has 3 tab-separated column(s), expected 2" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
 # -- hf_dataset.py ----------------------------------------------------------------------------
 
 
@@ -271,6 +295,46 @@ def test_hf_json_lines_and_flat_columns(tmp_path: Path) -> None:
     ]
     assert hf_dataset.main(argv) == 0
     assert len(lines(out / "train.de")) + len(lines(out / "dev.de")) == 30
+
+
+@pytest.mark.parametrize(
+    ("rows", "field", "got"),
+    [
+        ({"de": ["a", "b", "c"], "en": [7, 8, 9]}, "en", "got int 7"),
+        ({"translation": [{"de": ["a"], "en": "x"}] * 3}, "translation.de", "got list ['a']"),
+    ],
+)
+def test_hf_columns_that_are_not_text_name_split_row_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: dict, field: str, got: str
+) -> None:
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(saved))
+    out = tmp_path / "o"
+    argv = [str(saved), "--src", "de", "--tgt", "en", "--out", str(out), "--dev-size", "0"]
+    assert hf_dataset.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"split train, row 0, field '{field}': expected a string, {got}" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_hf_dataset_with_an_empty_train_split_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import datasets
+
+    blank = datasets.Dataset.from_dict({"translation": [{"de": "", "en": "x"}] * 3})
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": blank}).save_to_disk(str(saved))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "o"
+    for name, message in ((saved, "no training pairs"), (empty, "empty.jsonl is empty")):
+        argv = [str(name), "--src", "de", "--tgt", "en", "--out", str(out)]
+        assert hf_dataset.main(argv + ["--cache-dir", str(tmp_path / "c")]) == 1
+        assert message in capsys.readouterr().err
+        assert not out.exists() or not any(out.iterdir())
 
 
 def test_hf_missing_language_lists_the_present_ones(

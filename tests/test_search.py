@@ -17,6 +17,7 @@ from nmt.config import load_config
 from nmt.model import Seq2Seq, build_model
 from nmt.search import (
     Hypothesis,
+    SearchCancelledError,
     beam_search,
     block_repeated_ngrams,
     greedy_search,
@@ -359,6 +360,34 @@ def test_zero_max_length_still_returns_a_hypothesis() -> None:
     ((b,),) = run_beam(model, [A], beam_size=3, max_len_b=0)
     assert g.tokens == b.tokens == []
     assert not g.finished and not b.finished
+
+
+def test_a_length_cap_bounds_the_output_whatever_the_length_rule_says() -> None:
+    model = TableModel(scripted_table(NEVER_ENDS, 2))
+    assert max_lengths(torch.tensor([2, 50]), 1.0, 10, cap=7) == [7, 7]
+    assert max_lengths(torch.tensor([2]), 1.0, 1, cap=7) == [3]
+    kw = {"max_len_a": 2.0, "max_len_b": 100, "max_len_cap": 4}
+    (g,) = run_greedy(model, [A] * 6, **kw)
+    ((b,),) = run_beam(model, [A] * 6, beam_size=3, **kw)
+    assert len(g.tokens) == len(b.tokens) == 4 and not g.finished and not b.finished
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_should_stop_ends_the_search_between_steps(beam_size: int) -> None:
+    model = TableModel(scripted_table(NEVER_ENDS, 2))
+    asked: list[int] = []
+
+    def stop_at_third_step() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(SearchCancelledError, match="after 2 steps"):
+        run_beam(model, [A] * 6, beam_size=beam_size, max_len_b=50, should_stop=stop_at_third_step)
+    assert len(asked) == 3
+    with pytest.raises(SearchCancelledError):
+        run_greedy(model, [A], should_stop=lambda: True)
+    (g,) = run_greedy(model, [A], should_stop=lambda: False)
+    assert g.tokens
 
 
 def test_block_repeated_ngrams_by_hand() -> None:

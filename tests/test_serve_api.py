@@ -369,10 +369,24 @@ def test_api_keys_guard_translation_but_not_health(translator: Translator, tmp_p
         ]
         assert [r.status_code for r in ok] == [200] * 4
         assert ok[-1].json()["auth"] is True
-        for open_path in ("/v1/health", "/v1/ready", "/", "/openapi.json"):
+        for open_path in ("/v1/health", "/v1/ready", "/"):
             assert c.get(open_path).status_code == 200
-        schemes = c.get("/openapi.json").json()["components"]["securitySchemes"]
+        for docs_path in ("/openapi.json", "/docs", "/redoc"):  # the docs follow the keys
+            assert c.get(docs_path).status_code == 401
+            assert c.get(docs_path, headers={"X-API-Key": "k-one"}).status_code == 200
+        key = {"X-API-Key": "k-two"}
+        schemes = c.get("/openapi.json", headers=key).json()["components"]["securitySchemes"]
         assert {"HTTPBearer", "APIKeyHeader"} <= set(schemes)
+
+
+@pytest.mark.parametrize(("docs", "status"), [("public", 200), ("off", 404)])
+def test_docs_can_be_opened_or_switched_off_under_auth(
+    translator: Translator, docs: str, status: int
+) -> None:
+    with running(translator, api_keys="k-one", docs=docs) as c:
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert c.get(path).status_code == status, path
+        assert c.post("/v1/translate", json={"text": "Pan."}).status_code == 401
 
 
 def test_without_keys_no_auth_is_needed_or_advertised(client: TestClient) -> None:

@@ -207,7 +207,8 @@ def test_batches_respect_the_padded_token_budget(translator: Translator) -> None
     budget = max(len(ids) for ids in translator.tokenizer.encode_src(TEXTS)) + 1
     settings = settings_from(batch_tokens=budget, batch_wait_ms=100, warmup=False)
     app = create_app(settings, translator=recording)
-    bodies: list[dict[str, Any]] = [{"text": t} for t in TEXTS * 2]
+    # greedy, so that the work of a batch is its padded tokens (beams multiply it)
+    bodies: list[dict[str, Any]] = [{"text": t, "beam_size": 1} for t in TEXTS * 2]
     with serve_in_thread(app) as url:
         responses = asyncio.run(post_all(url, bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies)

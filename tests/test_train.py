@@ -256,6 +256,40 @@ def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
 
 
+DDP_RANK_WEIGHTS_SCRIPT = """
+import os, sys, torch
+import nmt.train as t
+from nmt.config import load_config
+finish = t.Trainer.finish
+def finish_and_dump(self, stopped):
+    torch.save(self.model.state_dict(), os.path.join(sys.argv[2], f"rank{self.info.rank}.pt"))
+    finish(self, stopped)
+t.Trainer.finish = finish_and_dump
+t.train(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2], progress=False)
+"""
+
+
+def test_two_process_ddp_with_scheduled_sampling_keeps_the_ranks_equal(
+    toy_translation_dir: Path, tmp_path: Path
+):
+    """Scheduled sampling runs through the DDP wrapper, so the ranks' gradients are averaged."""
+    overrides = [f"data.corpus={toy_translation_dir}", "data.src_lang=src", "data.tgt_lang=tgt",
+                 "train.max_steps=4", "train.valid_every=4", "train.num_threads=1",
+                 "train.scheduled_sampling=0.5", "train.scheduled_sampling_steps=1",
+                 "train.test_at_end=false", "train.valid_max_sentences=4"]  # fmt: skip
+    script = tmp_path / "ddp_ranks.py"
+    script.write_text(DDP_RANK_WEIGHTS_SCRIPT)
+    run = tmp_path / "ddp-ss"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", "29518", str(script), str(TINY), str(run), *overrides],
+                   cwd=ROOT, check=True, env=env)  # fmt: skip
+    w0, w1 = (torch.load(run / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert w0.keys() == w1.keys()
+    for name in w0:
+        torch.testing.assert_close(w0[name], w1[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_cli_train_reports_config_errors_before_training(tmp_path: Path, capsys):
     code = main(
         ["train", "--config", str(TINY), "--set", "train.lrate=1", "--run-dir", str(tmp_path)]

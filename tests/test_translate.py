@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +174,49 @@ def test_evaluate_names_a_reference_with_the_wrong_line_count(tmp_path: Path, ca
     assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref)]) == 2
     err = capsys.readouterr().err
     assert "ref" in err and "1" in err and "2" in err
+
+
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_translate_input_lines_end_at_newline_only(
+    tmp_path: Path, translator: Translator, sentences: list[str], monkeypatch, via: str
+):
+    lines = [sentences[0], sentences[1].replace(" ", "\r", 1), sentences[2].replace(" ", "\u2028", 1),
+             sentences[3].replace(" ", "\f", 1), sentences[4]]  # fmt: skip
+    data = ("\r\n".join(lines[:2]) + "\r\n" + "\n".join(lines[2:]) + "\n").encode()  # CRLF, LF
+    src, out = tmp_path / "in.es", tmp_path / "out.en"
+    src.write_bytes(data)
+    argv = ["translate", "--model", str(translator_dir(translator)), "--output", str(out),
+            "--beam-size", "3", "--chunk-lines", "2"]  # fmt: skip
+    if via == "file":
+        argv += ["--input", str(src)]
+    else:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+    assert main(argv) == 0
+    expected = [r.text for r in translator.translate(lines, beam_size=3)]
+    assert out.read_text(encoding="utf-8").split("\n") == [*expected, ""]
+
+
+def test_test_split_scores_read_lines_as_training_data_does(
+    tmp_path: Path, tiny_model_dir: Path, toy_corpus: Path, capsys
+):
+    from dataclasses import replace
+
+    from nmt import checkpoint as ckpt
+    from nmt.validate import record_test_scores
+
+    corpus = Path(shutil.copytree(toy_corpus, tmp_path / "c"))
+    src = (corpus / "test.es").read_text(encoding="utf-8").split("\n")
+    src[2] = src[2].replace(" ", "\u2028", 1)  # str.splitlines would make two lines of it
+    (corpus / "test.es").write_text("\n".join(src), encoding="utf-8")
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    cfg, _ = ckpt.read_model_dir(model)
+    record_test_scores(replace(cfg, data=replace(cfg.data, corpus=str(corpus))), model,
+                       torch.device("cpu"), "fp32")  # fmt: skip
+    scores = json.loads((model / ckpt.META_FILE).read_text(encoding="utf-8"))["scores"]
+    assert main(["evaluate", "--model", str(model), "--src", str(corpus / "test.es"), "--ref",
+                 str(corpus / "test.en"), "--json", "--bootstrap", "0"]) == 0  # fmt: skip
+    evaluated = json.loads(capsys.readouterr().out)["bleu"]["score"]
+    assert scores["test_bleu"] == pytest.approx(evaluated)
 
 
 def test_info_counts_add_up(capsys):
