@@ -182,6 +182,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst-timeout", type=float, default=300.0, help="client timeout, s")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each latency phase")
     p.add_argument("--small-clients", type=int, default=4)
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="the server's NMT_BATCH_TOKENS (default: its own)",
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=None, help="the server's NMT_REQUEST_TIMEOUT_S"
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON lines here")
     p.add_argument("--server-log", type=Path, default=None, help="server output (default: dropped)")
     return p.parse_args(argv)
@@ -190,6 +199,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env: dict[str, str | None] = {"NMT_API_KEYS": None, "NMT_API_KEYS_FILE": None}
+    if args.batch_tokens is not None:
+        env["NMT_BATCH_TOKENS"] = str(args.batch_tokens)
+    if args.request_timeout is not None:
+        env["NMT_REQUEST_TIMEOUT_S"] = str(args.request_timeout)
     rows: list[dict[str, Any]] = []
     with serve_in_subprocess(args.model, env=env, log_path=args.server_log) as (url, _):
         limits = httpx.get(f"{url}/v1/model", timeout=30).json()["limits"]
