@@ -7,20 +7,17 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 EPILOG = "Run `nmt COMMAND --help` for the options of each command."
 
 
-def _add_decode_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", required=True, type=Path, help="model directory (e.g. runs/NAME/model)"
-    )
-    p.add_argument(
-        "--beam-size", type=int, default=None, help="beam width; 1 is greedy (default: model's)"
-    )
+def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", type=Path, action="append", required=required, metavar="DIR",
+                   help="model directory (e.g. runs/NAME/model); repeat it to decode with an "
+                   "ensemble that averages the models' log-probabilities at every step")  # fmt: skip
     p.add_argument(
         "--batch-tokens", type=int, default=None, help="source tokens per decoding batch"
     )
@@ -29,6 +26,51 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
                    help="bf16 uses autocast (fast on CPUs with AMX and on GPUs)")  # fmt: skip
     p.add_argument("--quantize", action="store_true",
                    help="int8 dynamic quantisation of LSTM/linear layers (CPU)")  # fmt: skip
+
+
+def _add_search_options(p: argparse.ArgumentParser) -> None:
+    """The decoding flags of translate and evaluate; each unset one keeps the model's setting."""
+    g = p.add_argument_group("decoding (default: the model's decode settings)")
+    g.add_argument("--beam-size", type=int, default=None, help="beam width; 1 is greedy search")
+    g.add_argument("--length-penalty", type=float, default=None, metavar="ALPHA",
+                   help="GNMT length penalty alpha (0: raw log-probability)")  # fmt: skip
+    g.add_argument("--coverage-penalty", type=float, default=None, metavar="BETA",
+                   help="GNMT coverage penalty beta")  # fmt: skip
+    g.add_argument("--min-length", type=int, default=None, help="no EOS before N subwords")
+    g.add_argument("--max-length-a", type=float, default=None, metavar="A",
+                   help="at most A * source length + B output subwords")  # fmt: skip
+    g.add_argument("--max-length-b", type=float, default=None, metavar="B")
+    g.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
+                   help="no n-gram of order N appears twice in an output")  # fmt: skip
+    g.add_argument("--sampling", choices=["topk", "topp"], default=None,
+                   help="draw the output instead of searching (back-translation, augmentation)")  # fmt: skip
+    g.add_argument("--top-k", type=int, default=None, help="topk: draw from the K best (0: all)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="topp: draw from the smallest set of tokens with probability >= P")  # fmt: skip
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    g.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+
+
+_SEARCH_FLAGS = {
+    "beam_size": "beam_size", "length_penalty": "length_penalty",
+    "coverage_penalty": "coverage_penalty", "min_length": "min_len",
+    "max_length_a": "max_len_a", "max_length_b": "max_len_b",
+    "no_repeat_ngram": "no_repeat_ngram", "sampling": "sampling", "top_k": "top_k",
+    "top_p": "top_p", "temperature": "temperature", "seed": "seed",
+}  # fmt: skip
+
+
+def search_options(translator: Any, args: argparse.Namespace, **more: Any) -> Any:
+    """The translator's options changed by the flags that were given (ValueError names a bad
+    combination, e.g. --top-p without --sampling topp)."""
+    from dataclasses import replace
+
+    changes = {
+        f: getattr(args, a) for a, f in _SEARCH_FLAGS.items() if getattr(args, a, None) is not None
+    }
+    if changes.get("sampling"):
+        changes.setdefault("beam_size", 1)
+    return replace(translator.options, **changes, **more)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate text from stdin or a file",
                        description="Translate one sentence per line, in input order. Output streams "
                        "as chunks finish, so it works in shell pipes on large files.")  # fmt: skip
-    _add_decode_options(p)
+    _add_model_options(p)
+    _add_search_options(p)
     p.add_argument("--input", type=Path, default=None, help="input file (default: stdin)")
     p.add_argument("--output", type=Path, default=None, help="output file (default: stdout)")
+    p.add_argument("--prefix-file", type=Path, default=None,
+                   help="target prefixes, one per input line (empty line: none): each "
+                   "translation starts with its prefix and continues from it")  # fmt: skip
     p.add_argument("--n-best", type=int, default=1, help="print N best translations per line")
     p.add_argument("--alignments", action="store_true",
                    help="write JSON lines with scores, subwords, attention and word alignments")  # fmt: skip
@@ -78,17 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score translations with BLEU, chrF and TER",
                        description="Translate --src with --model and score against --ref, or score "
                        "an existing --hyp file. Scores are detokenised sacreBLEU with signatures.")  # fmt: skip
-    p.add_argument("--model", type=Path, default=None, help="model directory")
+    _add_model_options(p, required=False)
+    _add_search_options(p)
     p.add_argument("--src", type=Path, default=None, help="source file to translate")
     p.add_argument("--hyp", type=Path, default=None, help="existing translations to score")
     p.add_argument(
         "--ref", type=Path, action="append", required=True, help="reference file (repeatable)"
     )
-    p.add_argument("--beam-size", type=int, default=None)
-    p.add_argument("--batch-tokens", type=int, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--quantize", action="store_true")
     p.add_argument("--output", type=Path, default=None, help="also write the translations here")
     p.add_argument("--alignments", type=Path, default=None,
                    help="write word-level Pharaoh alignments (0-0 1-2 ...) to this file")  # fmt: skip
@@ -98,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("serve", help="serve a model over HTTP (REST + web page)")
-    p.add_argument("--model", type=Path, required=True, help="model directory")
+    p.add_argument("--model", required=True,
+                   help="model directory; A,B serves an ensemble of A and B as one model")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
@@ -184,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 # -- translate -----------------------------------------------------------------------------------
 
 
-def _read_chunks(lines: Iterator[str], size: int) -> Iterator[list[str]]:
+def _read_chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for line in lines:
         chunk.append(line)
@@ -202,22 +245,49 @@ def _load_translator(args: argparse.Namespace) -> Any:
                            quantize=args.quantize)  # fmt: skip
 
 
+def _read_prefixes(path: Path | None, n: int) -> list[str] | None:
+    if path is None:
+        return None
+    from nmt.corpus import read_lines
+
+    prefixes = list(read_lines(path))
+    if len(prefixes) != n:
+        raise ValueError(f"{path} has {len(prefixes)} lines but the input has {n}")
+    return prefixes
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     from nmt.corpus import iter_lines, read_lines
     from nmt.translate import translate_corpus, word_alignment
 
     translator = _load_translator(args)
     want_attention = args.alignments or args.plot_attention is not None
+    options = search_options(translator, args, return_attention=bool(want_attention))
+    if args.n_best != 1:
+        from dataclasses import replace
+
+        options = replace(options, n_best=args.n_best)
     # lines split as training data's are (at "\n" only), so output line N answers input line N
-    source = read_lines(args.input) if args.input else iter_lines(sys.stdin.buffer, "<stdin>")
+    source: Iterable[str] = (
+        read_lines(args.input) if args.input else iter_lines(sys.stdin.buffer, "<stdin>")
+    )
+    prefixes: list[str] | None = None
+    if args.prefix_file is not None:
+        if args.input is None:
+            raise ValueError("--prefix-file needs --input FILE (the prefixes align with its lines)")
+        lines = list(source)
+        prefixes, source = _read_prefixes(args.prefix_file, len(lines)), lines
     out: IO[str] = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     line_no = 0
     try:
         for chunk in _read_chunks(source, max(args.chunk_lines, 1)):
             results: list[Any] = [None] * len(chunk)
-            for i, result in translate_corpus(translator, chunk, beam_size=args.beam_size,
-                                              n_best=args.n_best, batch_tokens=args.batch_tokens,
-                                              return_alignments=want_attention):  # fmt: skip
+            chunk_prefixes = None
+            if prefixes is not None:
+                chunk_prefixes = prefixes[line_no : line_no + len(chunk)]
+            for i, result in translate_corpus(translator, chunk, options,
+                                              batch_tokens=args.batch_tokens,
+                                              prefixes=chunk_prefixes, first_key=line_no):  # fmt: skip
                 results[i] = result
             for i, r in enumerate(results):
                 assert r is not None
@@ -274,11 +344,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from nmt.translate import translate_corpus, word_alignment
 
         translator = _load_translator(args)
+        options = search_options(translator, args, return_attention=args.alignments is not None)
         src = _read_lines(args.src)
         results: list[Any] = [None] * len(src)
-        for i, r in translate_corpus(translator, src, beam_size=args.beam_size,
-                                     batch_tokens=args.batch_tokens,
-                                     return_alignments=args.alignments is not None):  # fmt: skip
+        for i, r in translate_corpus(translator, src, options, batch_tokens=args.batch_tokens):
             results[i] = r
         hyps = [r.text for r in results]
         if args.output:
@@ -310,7 +379,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nmt.checkpoint import read_model_dir
 
     if args.wait_for_model is None:
-        read_model_dir(args.model)  # fail here, with a clear message, not inside the server
+        for part in str(args.model).split(","):  # "A,B" is an ensemble of A and B
+            read_model_dir(Path(part))  # fail here, with a clear message, not in the server
     os.environ["NMT_MODEL_DIR"] = str(args.model)
     for name, value in (("NMT_PRECISION", args.precision), ("NMT_DEVICE", args.device)):
         if value:

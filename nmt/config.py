@@ -52,8 +52,13 @@ class EncoderConfig:
     num_layers: int = 2
     hidden_dim: int = 256  # per direction
     residual_from: int = 2  # 0-based: layers at this index and above compute x + layer(x)
-    dropout: float = 0.2  # between layers, never inside the recurrence
+    dropout: float = 0.2  # between layers
     variational: bool = False  # one dropout mask per sequence, shared across time
+    # custom cells only (lstm_ln, lstm_peephole, lstm_cifg): dropout on h_{t-1} in the recurrent
+    # product, one mask per sequence (Gal & Ghahramani, 2016), and DropConnect on W_hh, one mask
+    # per batch (AWD-LSTM)
+    dropout_recurrent: float = 0.0
+    weight_drop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class DecoderConfig:
     residual_from: int = 2
     dropout: float = 0.2
     variational: bool = False
+    dropout_recurrent: float = 0.0  # as in EncoderConfig
+    weight_drop: float = 0.0
     bridge: Literal["dense", "zero"] = "dense"  # initial decoder state from the encoder, or zeros
     input_feeding: bool = False  # Luong: feed the previous attentional vector with the next token
 
@@ -79,7 +86,9 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: Literal["lstm", "gru"] = "lstm"
+    # lstm, gru: the fused nn.LSTM / nn.GRU kernels; lstm_ln (layer-normalised), lstm_peephole,
+    # lstm_cifg (coupled input-forget gate): our recurrence layer, nmt/model/cells.py
+    cell: Literal["lstm", "gru", "lstm_ln", "lstm_peephole", "lstm_cifg"] = "lstm"
     embed_dim: int = 256
     share_embeddings: bool = True  # one source/target embedding; needs a joint vocabulary
     tie_output: bool = True  # output projection shares the target embedding matrix
@@ -151,7 +160,7 @@ class DecodeConfig:
     length_penalty: float = 0.6  # GNMT alpha: ((5 + |Y|) / 6) ** alpha
     coverage_penalty: float = 0.0  # GNMT beta
     max_len_a: float = 0.0  # max output length a * |source| + b; 0 derives a from the data
-    max_len_b: int = 10
+    max_len_b: int | None = None  # None derives b from the data
     min_len: int = 0
     no_repeat_ngram: int = 0
     batch_tokens: int = 6000  # source tokens per decoding batch
@@ -346,8 +355,20 @@ def validate(cfg: Config) -> None:
         ("model.embed_dropout", m.embed_dropout),
         ("train.label_smoothing", cfg.train.label_smoothing),
         ("train.scheduled_sampling", cfg.train.scheduled_sampling),
+        ("model.encoder.dropout_recurrent", enc.dropout_recurrent),
+        ("model.decoder.dropout_recurrent", dec.dropout_recurrent),
+        ("model.encoder.weight_drop", enc.weight_drop),
+        ("model.decoder.weight_drop", dec.weight_drop),
     ]:
         _check(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
+    for side, section in [("encoder", enc), ("decoder", dec)]:
+        for option in ("dropout_recurrent", "weight_drop"):
+            _check(
+                m.cell not in ("lstm", "gru") or getattr(section, option) == 0,
+                f"model.{side}.{option}={getattr(section, option)} does not apply to "
+                f"model.cell={m.cell!r}: the fused nn.{m.cell.upper()} kernel cannot apply it; "
+                "use cell lstm_ln, lstm_peephole or lstm_cifg, or set it to 0",
+            )
     _check(
         cfg.tokenizer.vocab_size >= 16,
         f"tokenizer.vocab_size is too small: {cfg.tokenizer.vocab_size}",

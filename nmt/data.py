@@ -443,6 +443,12 @@ class EncodedCorpus:
             pad_id, bos_id, eos_id, self.buckets if padding is None else as_buckets(padding),
         )  # fmt: skip
 
+    def src_ids(self, n: int | None = None) -> list[list[int]]:
+        """The source subword ids of the first n examples (all: None), as lists."""
+        column = self.dataset.data.column("src")
+        rows = column.slice(0, n) if n is not None else column
+        return [list(map(int, ids)) for ids in rows.to_pylist()]
+
     def target_token_ids(self) -> np.ndarray:
         """The distinct token ids on the target side, ascending.
 

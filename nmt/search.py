@@ -1,5 +1,11 @@
 """Greedy, beam and sampling search over a step-wise decoder, batched over sentences.
 
+One value says how to decode, `SearchOptions`, and one function decodes by it,
+`search(model, batch, options)`; the CLI, validation during training and the service all go
+through it (via `nmt.translate.Translator`). A target prefix per sentence (`EncodedSource.prefixes`)
+is forced token by token before the search continues on its own, and an `Ensemble` of models is
+one more model to search.
+
 The search sees the model through a few calls only: ``encode``, ``decode_step``,
 ``output_logits``, and ``index_select`` on the memory and state it gets back (see ``StepModel``).
 It works on log-probabilities, lengths and EOS, never on text. A model whose softmax covers part
@@ -24,9 +30,9 @@ tensor ops; Python touches single hypotheses only when they end.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -83,6 +89,116 @@ class Hypothesis:
     finished: bool = True
 
 
+Sampling = Literal["none", "topk", "topp"]
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to decode: every choice search makes, checked once when the value is made.
+
+    Change one with `dataclasses.replace(options, beam_size=1)`; that checks again.
+
+    beam_size: K; 1 is greedy search. n_best: hypotheses returned per sentence (<= K).
+    length_penalty, coverage_penalty: GNMT alpha and beta (Wu et al., 2016, eq. 14); in greedy
+        search and sampling they change `score` only.
+    min_len: EOS is not allowed before this many tokens.
+    max_len_a, max_len_b: at most floor(a * |source| + b) output tokens per sentence (a target
+        prefix always fits); max_len_cap: a hard bound on top of that (a server's limit).
+    no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
+    sampling: "topk" draws from the top_k most likely tokens (0: all of them), "topp" from the
+        smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al., 2020);
+        both at `temperature` (0 means argmax). seed: makes the draws of a call reproducible.
+    return_attention: fill `Hypothesis.attention`.
+    """
+
+    beam_size: int = 5
+    n_best: int = 1
+    length_penalty: float = 0.6
+    coverage_penalty: float = 0.0
+    min_len: int = 0
+    max_len_a: float = 0.0
+    max_len_b: float = 200.0
+    max_len_cap: int | None = None
+    no_repeat_ngram: int = 0
+    sampling: Sampling = "none"
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    seed: int | None = None
+    return_attention: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
+        need(self.n_best >= 1, f"n_best must be >= 1, got {self.n_best}")
+        need(
+            self.n_best <= self.beam_size,
+            f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})",
+        )
+        need(self.length_penalty >= 0, f"length_penalty must be >= 0, got {self.length_penalty}")
+        need(
+            self.coverage_penalty >= 0,
+            f"coverage_penalty must be >= 0, got {self.coverage_penalty}",
+        )
+        need(self.min_len >= 0, f"min_len must be >= 0, got {self.min_len}")
+        need(self.max_len_a >= 0, f"max_len_a must be >= 0, got {self.max_len_a}")
+        need(self.max_len_b >= 0, f"max_len_b must be >= 0, got {self.max_len_b}")
+        need(
+            self.max_len_cap is None or self.max_len_cap >= 0,
+            f"max_len_cap must be >= 0, got {self.max_len_cap}",
+        )
+        need(self.no_repeat_ngram >= 0, f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
+        need(
+            self.sampling in ("none", "topk", "topp"),
+            f"sampling must be none, topk or topp, got {self.sampling!r}",
+        )
+        need(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        if self.sampling != "none":
+            need(
+                self.beam_size == 1,
+                f"sampling draws one output per sentence: beam_size must be 1, got "
+                f"{self.beam_size}",
+            )
+            if self.sampling == "topk":
+                need(self.top_p == 1.0, "top_p applies to sampling topp, not topk")
+            else:
+                need(self.top_k == 0, "top_k applies to sampling topk, not topp")
+        else:
+            for name, default in (("top_k", 0), ("top_p", 1.0), ("temperature", 1.0)):
+                need(
+                    getattr(self, name) == default,
+                    f"{name} applies to sampling only; set sampling to topk or topp",
+                )
+            need(self.seed is None, "seed applies to sampling only; set sampling to topk or topp")
+
+    @property
+    def mode(self) -> Literal["greedy", "beam", "sample"]:
+        """What `search` runs: sampling, greedy search (one beam, one output) or beam search."""
+        if self.sampling != "none":
+            return "sample"
+        return "greedy" if self.beam_size == 1 and self.n_best == 1 else "beam"
+
+
+class EncodedSource(NamedTuple):
+    """A padded batch of source sentences as search gets it, with the special ids it needs and
+    optional target prefixes to force (token ids, one list per sentence, [] for none)."""
+
+    src: Tensor  # (B, S) long
+    src_lengths: Tensor  # (B,) long
+    src_mask: Tensor  # (B, S) bool, True on real tokens
+    bos_id: int
+    eos_id: int
+    prefixes: list[list[int]] | None = None
+    # stable ids of the sentences (e.g. line numbers): with a sampling seed, each sentence draws
+    # from its own random stream, so its sample does not depend on the batch it is in
+    keys: list[int] | None = None
+
+
 def length_penalty_factor(length: int, alpha: float) -> float:
     """GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016, eq. 14)."""
     return ((5.0 + length) / 6.0) ** alpha
@@ -115,6 +231,22 @@ def max_lengths(
     return limits if cap is None else [min(n, cap) for n in limits]
 
 
+def output_limits(batch: EncodedSource, options: SearchOptions) -> list[int]:
+    """Per-sentence output limits: the length rule, at least the sentence's target prefix, at
+    most the cap. Raises ValueError for a prefix longer than the cap."""
+    limits = max_lengths(batch.src_lengths, options.max_len_a, options.max_len_b)
+    if batch.prefixes is not None:
+        for i, prefix in enumerate(batch.prefixes):
+            if options.max_len_cap is not None and len(prefix) > options.max_len_cap:
+                raise ValueError(
+                    f"target prefix {i} is {len(prefix)} subwords long, more than the "
+                    f"maximum output length of {options.max_len_cap}"
+                )
+            limits[i] = max(limits[i], len(prefix))
+    cap = options.max_len_cap
+    return limits if cap is None else [min(n, cap) for n in limits]
+
+
 class SearchCancelledError(Exception):
     """`should_stop` said so between two decoding steps: nobody waits for this search any more."""
 
@@ -122,13 +254,6 @@ class SearchCancelledError(Exception):
 def _check_stop(should_stop: Callable[[], bool] | None, t: int) -> None:
     if should_stop is not None and should_stop():
         raise SearchCancelledError(f"search cancelled after {t} steps")
-
-
-def _check_common(min_len: int, no_repeat_ngram: int) -> None:
-    if min_len < 0:
-        raise ValueError(f"min_len must be >= 0, got {min_len}")
-    if no_repeat_ngram < 0:
-        raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
 
 
 def block_repeated_ngrams(log_probs: Tensor, history: Tensor, n: int) -> None:
@@ -160,16 +285,23 @@ def _mask_step(
     history: Tensor,
     t: int,
     force_eos: Tensor | None,
+    forced: Tensor | None,
     *,
     eos_id: int,
     min_len: int,
     no_repeat_ngram: int,
 ) -> None:
-    """Apply min length, n-gram blocking and forced EOS to log_probs (N, V) in place.
+    """Apply min length, n-gram blocking, forced EOS and forced prefix tokens to log_probs (N, V)
+    in place.
 
     force_eos: (N,) bool rows that reached their maximum length, or None when none did.
+    forced: (N,) long, the column each row must take (a target prefix), -1 where free; or None.
     """
     eos_raw = log_probs[:, eos_id].clone() if force_eos is not None else None
+    forced_raw = None
+    if forced is not None:
+        forced_cols = forced.clamp(min=0).unsqueeze(1)  # (N, 1)
+        forced_raw = log_probs.gather(1, forced_cols)
     if t < min_len:
         log_probs[:, eos_id] = NEG_INF
     if no_repeat_ngram > 0:
@@ -179,6 +311,12 @@ def _mask_step(
         # are ranked on the same footing
         log_probs.masked_fill_(force_eos.unsqueeze(1), NEG_INF)
         log_probs[:, eos_id] = torch.where(force_eos, eos_raw, log_probs[:, eos_id])
+    if forced is not None and forced_raw is not None:
+        # a prefix token is taken whatever the rules above say, with its real log-probability
+        rows = (forced >= 0).unsqueeze(1)  # (N, 1)
+        kept = torch.where(rows, forced_raw, log_probs.gather(1, forced_cols))
+        log_probs.masked_fill_(rows, NEG_INF)
+        log_probs.scatter_(1, forced_cols, kept)
 
 
 # The output projection, log-softmax, masks and top-k run over blocks of this many rows: a block's
@@ -194,6 +332,7 @@ def _log_prob_blocks(
     history: Tensor,
     t: int,
     force_eos: Tensor | None,
+    forced: Tensor | None,
     *,
     eos_id: int,
     min_len: int,
@@ -201,7 +340,8 @@ def _log_prob_blocks(
 ) -> Iterator[Tensor]:
     """Masked fp32 next-token log-probabilities (R, V) for consecutive blocks of out (N, H).
 
-    history (N, t) and force_eos (N,) are sliced along with the rows (see `_mask_step`).
+    history (N, t), force_eos (N,) and forced (N,) are sliced along with the rows (see
+    `_mask_step`).
     """
     for start in range(0, out.size(0), PROJECTION_ROWS):
         rows = slice(start, start + PROJECTION_ROWS)
@@ -211,6 +351,7 @@ def _log_prob_blocks(
             history[rows],
             t,
             None if force_eos is None else force_eos[rows],
+            None if forced is None else forced[rows],
             eos_id=eos_id,
             min_len=min_len,
             no_repeat_ngram=no_repeat_ngram,
@@ -243,6 +384,30 @@ class _Columns:
     def to_id_list(self, cols: list[int]) -> list[int]:
         return cols if self.id_list is None else [self.id_list[c] for c in cols]
 
+    def prefix_table(self, prefixes: list[list[int]], device: torch.device) -> Tensor:
+        """(B, P) columns of each sentence's prefix tokens, -1 after its end. A token the model
+        cannot output (outside its output vocabulary) raises ValueError."""
+        width = max((len(p) for p in prefixes), default=0)
+        table = torch.full((len(prefixes), width), -1, dtype=torch.long)
+        column = None if self.id_list is None else {t: c for c, t in enumerate(self.id_list)}
+        for i, prefix in enumerate(prefixes):
+            for j, token in enumerate(prefix):
+                col = token if column is None else column.get(token)
+                if col is None:
+                    raise ValueError(
+                        f"target prefix {i}: subword id {token} is not in the model's output "
+                        "vocabulary, so it cannot be forced"
+                    )
+                table[i, j] = col
+        return table.to(device)
+
+
+def _forced_at(table: Tensor | None, t: int) -> Tensor | None:
+    """The columns rows must take at step t (-1: free), or None once every prefix has ended."""
+    if table is None or t >= table.size(1):
+        return None
+    return table[:, t]
+
 
 # In greedy search, sentences that are done stay in the batch, their rows computed and ignored,
 # until this share of the rows is done: dropping rows copies the encoder memory of all the rows
@@ -266,40 +431,26 @@ def _trim_attention(attn: Tensor, src_len: int) -> Tensor:
 
 class _OneEach:
     """Greedy search or sampling: one token per sentence per step, picked by
-    `choose(log_probs (R, V)) -> tokens (R,)` on blocks of rows. Tensors cover the N sentences
-    still in the batch."""
+    `choose(log_probs (R, V), sentence ids of the R rows) -> tokens (R,)` on blocks of rows.
+    Tensors cover the N sentences still in the batch."""
 
-    def __init__(
-        self,
-        choose: Callable[[Tensor], Tensor],
-        *,
-        bos_id: int,
-        eos_id: int,
-        min_len: int,
-        no_repeat_ngram: int,
-        alpha: float,
-        beta: float,
-        return_attention: bool,
-    ) -> None:
-        _check_common(min_len, no_repeat_ngram)
+    def __init__(self, choose: Chooser, options: SearchOptions) -> None:
         self.choose = choose
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.min_len = min_len
-        self.no_repeat_ngram = no_repeat_ngram
-        self.alpha = alpha
-        self.beta = beta
-        self.return_attention = return_attention
+        self.min_len = options.min_len
+        self.no_repeat_ngram = options.no_repeat_ngram
+        self.alpha = options.length_penalty
+        self.beta = options.coverage_penalty
+        self.return_attention = options.return_attention
 
     def run(
         self,
         model: StepModel[MemoryT, StateT],
-        src: Tensor,
-        src_lengths: Tensor,
-        src_mask: Tensor,
+        batch: EncodedSource,
         limits: list[int],
         should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[list[int], Tensor], None] | None = None,
     ) -> list[Hypothesis]:
+        src, src_lengths, src_mask = batch.src, batch.src_lengths, batch.src_mask
         device, batch_size = src.device, src.size(0)
         if batch_size == 0:
             return []
@@ -309,7 +460,10 @@ class _OneEach:
         self.results: list[Hypothesis | None] = [None] * batch_size
 
         memory, state = model.encode(src, src_lengths, src_mask)
-        self.cols = _Columns(model, self.eos_id)
+        self.cols = _Columns(model, batch.eos_id)
+        self.prefix = (
+            self.cols.prefix_table(batch.prefixes, device) if batch.prefixes is not None else None
+        )  # (N, P) columns to force
         self.active_ids = list(range(batch_size))
         self.active = torch.arange(batch_size, device=device)  # (N,) sentence ids
         self.limit_t = torch.tensor(limits, device=device)  # (N,)
@@ -323,7 +477,7 @@ class _OneEach:
             if self.return_attention
             else None
         )  # (N, T_max + 1, S)
-        prev = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
+        prev = torch.full((batch_size,), batch.bos_id, dtype=torch.long, device=device)
 
         t, n_idle, soonest_limit = 0, 0, min(limits)
         while True:
@@ -331,6 +485,8 @@ class _OneEach:
             out, state, attn = model.decode_step(prev, state, memory)  # (N, H), (N, S)
             tokens = self._advance(model, out, attn.float(), t, soonest_limit)  # columns
             prev = self.cols.to_ids(tokens)
+            if on_step is not None:
+                on_step(self.active_ids, torch.where(self.idle, -1, prev))
             ended = (tokens == self.cols.eos) & ~self.idle  # (N,); forced rows can only pick EOS
             if ended.any():
                 rows = ended.nonzero().squeeze(1)
@@ -362,17 +518,20 @@ class _OneEach:
         """Pick the next tokens (N,) from the output vectors out (N, H); attn (N, S) is this
         step's attention; limit is the soonest maximum length of a sentence still going."""
         picked, picked_log_probs = [], []
+        start = 0
         for log_probs in _log_prob_blocks(
             model,
             out,
             self.history,
             t,
             (self.limit_t <= t) if t >= limit else None,
+            _forced_at(self.prefix, t),
             eos_id=self.cols.eos,
             min_len=self.min_len,
             no_repeat_ngram=self.no_repeat_ngram,
         ):
-            tokens = self.choose(log_probs)  # (R,)
+            tokens = self.choose(log_probs, self.active_ids[start : start + log_probs.size(0)])
+            start += log_probs.size(0)
             picked.append(tokens)
             picked_log_probs.append(log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1))
         tokens = torch.cat(picked)  # (N,)
@@ -419,118 +578,103 @@ class _OneEach:
         self.idle = self.idle.index_select(0, keep)
         self.history = self.history.index_select(0, keep)
         self.log_prob_sum = self.log_prob_sum.index_select(0, keep)
+        if self.prefix is not None:
+            self.prefix = self.prefix.index_select(0, keep)
         if self.coverage is not None:
             self.coverage = self.coverage.index_select(0, keep)
         if self.attn_history is not None:
             self.attn_history = self.attn_history.index_select(0, keep)
 
 
+StepCallback = Callable[[list[int], Tensor], None]
+"""Called after every step of greedy search or sampling with the sentence ids of the rows and
+the token ids (N,) they took (-1 for rows already done)."""
+
+
 def greedy_search(
     model: StepModel[MemoryT, StateT],
-    src: Tensor,
-    src_lengths: Tensor,
-    src_mask: Tensor,
+    batch: EncodedSource,
+    options: SearchOptions,
     *,
-    bos_id: int,
-    eos_id: int,
-    max_len_a: float,
-    max_len_b: float,
-    min_len: int = 0,
-    no_repeat_ngram: int = 0,
-    length_penalty: float = 0.0,
-    coverage_penalty: float = 0.0,
-    return_attention: bool = False,
-    max_len_cap: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: StepCallback | None = None,
 ) -> list[Hypothesis]:
-    """Pick the most likely token at every step, for all sentences at once.
+    """Pick the most likely token at every step, for all sentences at once (beam_size and
+    n_best are not read; the penalties change `score` only).
 
-    Args:
-        src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
-        max_len_a, max_len_b: at most floor(a * |source| + b) output tokens per sentence.
-        min_len: EOS is not allowed before this many tokens.
-        no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
-        length_penalty, coverage_penalty: GNMT alpha and beta, used for `score` only.
-        return_attention: fill `Hypothesis.attention` (T + 1, S), EOS row last.
-        max_len_cap: a hard bound on output tokens, whatever a and b give.
-        should_stop: called between steps; True raises SearchCancelledError.
-    Returns:
-        One hypothesis per sentence, in input order.
+    Returns one hypothesis per sentence, in input order; `should_stop` is asked between steps
+    and True raises SearchCancelledError.
     """
-    runner = _OneEach(
-        lambda log_probs: log_probs.argmax(dim=-1),
-        bos_id=bos_id,
-        eos_id=eos_id,
-        min_len=min_len,
-        no_repeat_ngram=no_repeat_ngram,
-        alpha=length_penalty,
-        beta=coverage_penalty,
-        return_attention=return_attention,
-    )
-    limits = max_lengths(src_lengths, max_len_a, max_len_b, max_len_cap)
+    runner = _OneEach(lambda log_probs, _: log_probs.argmax(dim=-1), options)
     with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
-        return runner.run(model, src, src_lengths, src_mask, limits, should_stop)
+        return runner.run(model, batch, output_limits(batch, options), should_stop, on_step)
+
+
+Chooser = Callable[[Tensor, list[int]], Tensor]
+"""choose(log_probs (R, V), the sentence ids of the R rows) -> the tokens (R,) they take."""
+
+
+def _sampler(options: SearchOptions, batch: EncodedSource) -> Chooser:
+    """A Chooser that draws as the options say; with a seed, every sentence from its own
+    generator, seeded from the seed and the sentence's key."""
+    temperature = options.temperature
+    keys = batch.keys if batch.keys is not None else list(range(batch.src.size(0)))
+    generators: dict[int, torch.Generator] = {}
+
+    def generator(sid: int) -> torch.Generator:
+        if sid not in generators:
+            assert options.seed is not None
+            seed = (options.seed * 2_654_435_761 + keys[sid] * 40_503 + 1) % 2**63
+            generators[sid] = torch.Generator(device=batch.src.device).manual_seed(seed)
+        return generators[sid]
+
+    def draw(probs: Tensor, sids: list[int]) -> Tensor:  # (R, V') -> (R,) column indices
+        if options.seed is None:
+            return torch.multinomial(probs, 1).squeeze(1)
+        return torch.cat(
+            [
+                torch.multinomial(p, 1, generator=generator(sid))
+                for p, sid in zip(probs, sids, strict=True)
+            ]
+        )
+
+    def choose(log_probs: Tensor, sids: list[int]) -> Tensor:
+        if temperature == 0.0:
+            return log_probs.argmax(dim=-1)
+        scaled = log_probs / temperature
+        if options.sampling == "topk" and options.top_k > 0:
+            top_scores, top_ids = scaled.topk(min(options.top_k, scaled.size(1)), dim=-1)
+            picked = draw(top_scores.softmax(dim=-1), sids)
+            return top_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+        if options.sampling == "topp" and options.top_p < 1.0:
+            probs, ids = scaled.softmax(dim=-1).sort(dim=-1, descending=True)  # (R, V)
+            # keep the most likely tokens until their mass reaches top_p (the first always)
+            outside = probs.cumsum(dim=-1) - probs >= options.top_p
+            picked = draw(probs.masked_fill(outside, 0.0), sids)
+            return ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+        return draw(scaled.softmax(dim=-1), sids)
+
+    return choose
 
 
 def sample(
     model: StepModel[MemoryT, StateT],
-    src: Tensor,
-    src_lengths: Tensor,
-    src_mask: Tensor,
+    batch: EncodedSource,
+    options: SearchOptions,
     *,
-    bos_id: int,
-    eos_id: int,
-    max_len_a: float,
-    max_len_b: float,
-    min_len: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-    return_attention: bool = False,
-    max_len_cap: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: StepCallback | None = None,
 ) -> list[Hypothesis]:
-    """Draw one output per sentence from the model (e.g. for back-translation with noise).
+    """Draw one output per sentence from the model (back-translation, data augmentation).
 
-    Tokens are drawn from softmax(log_probs / temperature), restricted to the top_k most likely
-    tokens when top_k > 0; temperature 0 means argmax. `log_prob` and `score` are the model's own
-    (untempered) log-probability of the drawn output.
-
-    Args:
-        src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
-        generator: makes draws reproducible; must live on src's device.
-    Returns:
-        One hypothesis per sentence, in input order.
+    Tokens are drawn as `options.sampling` says; `log_prob` and `score` are the model's own
+    (untempered) log-probability of the drawn output. With `options.seed`, a sentence's sample
+    depends only on the seed, the sentence and its key (`EncodedSource.keys`, by default its
+    place in the batch), not on the other sentences of the batch.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
-
-    def choose(log_probs: Tensor) -> Tensor:  # (R, V) -> (R,)
-        if temperature == 0.0:
-            return log_probs.argmax(dim=-1)
-        if top_k > 0:
-            top_scores, top_ids = log_probs.topk(min(top_k, log_probs.size(1)), dim=-1)
-            probs = (top_scores / temperature).softmax(dim=-1)  # (N, k)
-            picked = torch.multinomial(probs, 1, generator=generator)  # (N, 1)
-            return top_ids.gather(1, picked).squeeze(1)
-        probs = (log_probs / temperature).softmax(dim=-1)  # (N, V)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-    runner = _OneEach(
-        choose,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        min_len=min_len,
-        no_repeat_ngram=0,
-        alpha=0.0,
-        beta=0.0,
-        return_attention=return_attention,
-    )
-    limits = max_lengths(src_lengths, max_len_a, max_len_b, max_len_cap)
+    runner = _OneEach(_sampler(options, batch), options)
     with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
-        return runner.run(model, src, src_lengths, src_mask, limits, should_stop)
+        return runner.run(model, batch, output_limits(batch, options), should_stop, on_step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,22 +684,9 @@ def sample(
 
 def beam_search(
     model: StepModel[MemoryT, StateT],
-    src: Tensor,
-    src_lengths: Tensor,
-    src_mask: Tensor,
+    batch: EncodedSource,
+    options: SearchOptions,
     *,
-    bos_id: int,
-    eos_id: int,
-    beam_size: int,
-    n_best: int = 1,
-    length_penalty: float = 0.6,
-    coverage_penalty: float = 0.0,
-    max_len_a: float,
-    max_len_b: float,
-    min_len: int = 0,
-    no_repeat_ngram: int = 0,
-    return_attention: bool = False,
-    max_len_cap: int | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[list[Hypothesis]]:
     """Beam search for all sentences at once, beams flattened into the batch (B * K).
@@ -569,80 +700,33 @@ def beam_search(
     is forced. So the 1-best does not depend on n_best, and with length_penalty 0 a beam of one
     gives greedy search's output.
 
-    Args:
-        src: (B, S) source ids; src_lengths: (B,); src_mask: (B, S) True on real tokens.
-        beam_size: K; n_best: hypotheses returned per sentence (<= K).
-        length_penalty: GNMT alpha (0 = raw log-probability); coverage_penalty: GNMT beta.
-        max_len_a, max_len_b: at most floor(a * |source| + b) output tokens per sentence.
-        min_len: EOS is not allowed before this many tokens.
-        no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
-        return_attention: fill `Hypothesis.attention` (T + 1, S), EOS row last.
-        max_len_cap: a hard bound on output tokens, whatever a and b give.
-        should_stop: called between steps; True raises SearchCancelledError.
-    Returns:
-        Per sentence, in input order, its n-best list sorted by score, best first.
+    Returns per sentence, in input order, its n-best list sorted by score, best first;
+    `should_stop` is asked between steps and True raises SearchCancelledError.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be between 1 and beam_size={beam_size}, got {n_best}")
-    _check_common(min_len, no_repeat_ngram)
     with torch.no_grad():  # not inference_mode: keeps the autocast weight cache
-        return _BeamSearch(
-            beam_size=beam_size,
-            n_best=n_best,
-            bos_id=bos_id,
-            eos_id=eos_id,
-            alpha=length_penalty,
-            beta=coverage_penalty,
-            min_len=min_len,
-            no_repeat_ngram=no_repeat_ngram,
-            return_attention=return_attention,
-        ).run(
-            model,
-            src,
-            src_lengths,
-            src_mask,
-            max_lengths(src_lengths, max_len_a, max_len_b, max_len_cap),
-            should_stop,
-        )
+        return _BeamSearch(options).run(model, batch, output_limits(batch, options), should_stop)
 
 
 class _BeamSearch:
     """The state of one beam search call; tensors cover the N = n * K rows of live sentences."""
 
-    def __init__(
-        self,
-        *,
-        beam_size: int,
-        n_best: int,
-        bos_id: int,
-        eos_id: int,
-        alpha: float,
-        beta: float,
-        min_len: int,
-        no_repeat_ngram: int,
-        return_attention: bool,
-    ) -> None:
-        self.k = beam_size
-        self.n_best = n_best
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.alpha = alpha
-        self.beta = beta
-        self.min_len = min_len
-        self.no_repeat_ngram = no_repeat_ngram
-        self.return_attention = return_attention
+    def __init__(self, options: SearchOptions) -> None:
+        self.k = options.beam_size
+        self.n_best = options.n_best
+        self.alpha = options.length_penalty
+        self.beta = options.coverage_penalty
+        self.min_len = options.min_len
+        self.no_repeat_ngram = options.no_repeat_ngram
+        self.return_attention = options.return_attention
 
     def run(
         self,
         model: StepModel[MemoryT, StateT],
-        src: Tensor,
-        src_lengths: Tensor,
-        src_mask: Tensor,
+        batch: EncodedSource,
         limits: list[int],
         should_stop: Callable[[], bool] | None = None,
     ) -> list[list[Hypothesis]]:
+        src, src_lengths, src_mask = batch.src, batch.src_lengths, batch.src_mask
         k, device = self.k, src.device
         batch_size = src.size(0)
         if batch_size == 0:
@@ -653,9 +737,14 @@ class _BeamSearch:
         self.ended: list[list[Hypothesis]] = [[] for _ in range(batch_size)]
 
         memory, state = model.encode(src, src_lengths, src_mask)
-        self.cols = _Columns(model, self.eos_id)
+        self.cols = _Columns(model, batch.eos_id)
+        self.prefix = (
+            self.cols.prefix_table(batch.prefixes, device).repeat_interleave(k, dim=0)
+            if batch.prefixes is not None
+            else None
+        )  # (N, P): every beam of a sentence forces its prefix
         # the first step is the same for every beam: take it once per sentence, then copy
-        bos = torch.full((batch_size,), self.bos_id, dtype=torch.long, device=device)
+        bos = torch.full((batch_size,), batch.bos_id, dtype=torch.long, device=device)
         out, state, attn = model.decode_step(bos, state, memory)  # (B, H), (B, S)
         # the memory stays one row per sentence: the model reads it for each of the K beam rows
         per_beam = torch.arange(batch_size, device=device).repeat_interleave(k)  # (B*K,)
@@ -735,6 +824,7 @@ class _BeamSearch:
                 self.history,
                 t,
                 force,
+                _forced_at(self.prefix, t),
                 eos_id=self.cols.eos,
                 min_len=self.min_len,
                 no_repeat_ngram=self.no_repeat_ngram,
@@ -855,6 +945,8 @@ class _BeamSearch:
         self.best_ended = self.best_ended.index_select(0, keep)
         self.scores = self.scores.index_select(0, keep)
         self.history = self.history.index_select(0, rows)
+        if self.prefix is not None:
+            self.prefix = self.prefix.index_select(0, rows)
         if self.coverage is not None:
             self.coverage = self.coverage.index_select(0, rows)
         if self.attn_history is not None:
@@ -871,63 +963,78 @@ class _BeamSearch:
 
 def search(
     model: StepModel[MemoryT, StateT],
-    src: Tensor,
-    src_lengths: Tensor,
-    src_mask: Tensor,
+    batch: EncodedSource,
+    options: SearchOptions,
     *,
-    bos_id: int,
-    eos_id: int,
-    beam_size: int = 1,
-    n_best: int = 1,
-    length_penalty: float = 0.6,
-    coverage_penalty: float = 0.0,
-    max_len_a: float,
-    max_len_b: float,
-    min_len: int = 0,
-    no_repeat_ngram: int = 0,
-    return_attention: bool = False,
-    max_len_cap: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_step: StepCallback | None = None,
 ) -> list[list[Hypothesis]]:
-    """Greedy search when beam_size == 1 (same output, less work), else beam search.
+    """Decodes `batch` as `options` say: sampling, greedy search (one beam, one output: the same
+    output as a beam of one with length_penalty 0, for less work) or beam search.
 
-    Arguments as for `beam_search`; returns per sentence its n-best list, best first.
+    Returns per sentence, in input order, its n-best list, best first. `on_step` (greedy search
+    and sampling only) sees the tokens of every step as they are chosen.
     """
-    if beam_size == 1 and n_best == 1:
-        hyps = greedy_search(
-            model,
-            src,
-            src_lengths,
-            src_mask,
-            bos_id=bos_id,
-            eos_id=eos_id,
-            max_len_a=max_len_a,
-            max_len_b=max_len_b,
-            min_len=min_len,
-            no_repeat_ngram=no_repeat_ngram,
-            length_penalty=length_penalty,
-            coverage_penalty=coverage_penalty,
-            return_attention=return_attention,
-            max_len_cap=max_len_cap,
-            should_stop=should_stop,
-        )
-        return [[h] for h in hyps]
-    return beam_search(
-        model,
-        src,
-        src_lengths,
-        src_mask,
-        bos_id=bos_id,
-        eos_id=eos_id,
-        beam_size=beam_size,
-        n_best=n_best,
-        length_penalty=length_penalty,
-        coverage_penalty=coverage_penalty,
-        max_len_a=max_len_a,
-        max_len_b=max_len_b,
-        min_len=min_len,
-        no_repeat_ngram=no_repeat_ngram,
-        return_attention=return_attention,
-        max_len_cap=max_len_cap,
-        should_stop=should_stop,
-    )
+    if options.mode == "beam":
+        if on_step is not None:
+            raise ValueError("token-by-token output needs greedy search or sampling (beam_size 1)")
+        return beam_search(model, batch, options, should_stop=should_stop)
+    run = sample if options.mode == "sample" else greedy_search
+    return [[h] for h in run(model, batch, options, should_stop=should_stop, on_step=on_step)]
+
+
+# ---------------------------------------------------------------------------------------------
+# ensembles
+# ---------------------------------------------------------------------------------------------
+
+
+class _Members(tuple):  # type: ignore[type-arg]
+    """The members' encoder memories or decoder states, reordered together."""
+
+    def index_select(self, idx: Tensor, /) -> _Members:
+        return _Members(part.index_select(idx) for part in self)
+
+
+class Ensemble:
+    """Several models searched as one: at every step the next-token log-probabilities are the
+    average of the members' (log-linear interpolation, renormalised by search's log-softmax),
+    and the attention is the average of theirs.
+
+    Members must score the same output columns (`output_ids`); whether they share a tokenizer is
+    the caller's to check (`nmt.translate.Translator.load` does)."""
+
+    def __init__(self, models: Sequence[Any]) -> None:
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.models = list(models)
+        first = getattr(self.models[0], "output_ids", None)
+        for i, m in enumerate(self.models[1:], 2):
+            ids = getattr(m, "output_ids", None)
+            same = (ids is None and first is None) or (
+                ids is not None and first is not None and torch.equal(ids, first)
+            )
+            if not same:
+                raise ValueError(
+                    f"ensemble member {i} scores a different output vocabulary than member 1"
+                )
+        self.output_ids = first
+        self._widths: list[int] = []
+
+    def encode(self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, /) -> tuple[Any, Any]:
+        parts = [m.encode(src, src_lengths, src_mask) for m in self.models]
+        return _Members(p[0] for p in parts), _Members(p[1] for p in parts)
+
+    def decode_step(self, prev: Tensor, state: Any, memory: Any, /) -> tuple[Tensor, Any, Tensor]:
+        steps = [m.decode_step(prev, s, mem) for m, s, mem in zip(self.models, state, memory)]
+        outs = [o for o, _, _ in steps]
+        self._widths = [o.size(-1) for o in outs]
+        attn = torch.stack([a.float() for _, _, a in steps]).mean(dim=0)
+        return torch.cat(outs, dim=-1), _Members(st for _, st, _ in steps), attn
+
+    def output_logits(self, out: Tensor, /) -> Tensor:
+        parts = out.split(self._widths, dim=-1)
+        log_probs = [
+            m.output_logits(part).log_softmax(dim=-1, dtype=torch.float32)
+            for m, part in zip(self.models, parts, strict=True)
+        ]
+        return torch.stack(log_probs).mean(dim=0)

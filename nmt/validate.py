@@ -8,6 +8,7 @@ import logging
 import math
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,9 @@ from nmt.data import EncodedCorpus, TokenBatchSampler
 from nmt.loss import label_smoothed_nll
 from nmt.metrics import corpus_scores
 from nmt.model import Seq2Seq
-from nmt.search import beam_search, greedy_search
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card
-from nmt.translate import autocast
+from nmt.translate import Translator, autocast, translate_encoded
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def validate(
     precision: str,
     length_ratio: tuple[float, float],
 ) -> dict[str, Any]:
-    """Dev loss, perplexity and detokenised BLEU/chrF of greedy (or small-beam) output."""
+    """Dev loss, perplexity and detokenised BLEU/chrF of the first `train.valid_max_sentences`
+    dev sentences (all: 0), decoded through the Translator with the model's decoding rules at
+    `train.valid_beam_size`, exactly as `nmt evaluate --beam-size K` decodes them."""
     inner = model
     inner.eval()
     tc = cfg.train
@@ -73,7 +75,6 @@ def validate(
     )
     loss_sum = nll_sum = 0.0
     tokens = 0
-    hyps: dict[int, list[int]] = {}
     for idx in sampler:
         batch = dev.batch(idx, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id).to(device)
         with autocast(device, precision):
@@ -81,36 +82,17 @@ def validate(
             loss, nll, n_tok = label_smoothed_nll(
                 logits, batch.tgt_out, tokenizer.pad_id, 0.0, inner.column_of
             )
-            if tc.valid_beam_size > 1:
-                results = [
-                    h[0]
-                    for h in beam_search(
-                        inner,
-                        batch.src,
-                        batch.src_lengths,
-                        batch.src_mask,
-                        bos_id=tokenizer.bos_id,
-                        eos_id=tokenizer.eos_id,
-                        beam_size=tc.valid_beam_size,
-                        length_penalty=cfg.decode.length_penalty,
-                        max_len_a=length_ratio[0],
-                        max_len_b=int(length_ratio[1]),
-                    )  # fmt: skip
-                ]
-            else:
-                results = greedy_search(
-                    inner, batch.src, batch.src_lengths, batch.src_mask,
-                    bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                    max_len_a=length_ratio[0], max_len_b=int(length_ratio[1]),
-                )  # fmt: skip
         loss_sum += float(loss)
         nll_sum += float(nll)
         tokens += int(n_tok)
-        for i, h in zip(idx, results):
-            hyps[int(i)] = h.tokens
-    order = sorted(hyps)
-    texts = tokenizer.decode_tgt([hyps[i] for i in order])
-    refs = [dev_refs[i] for i in order]
+    # decoded as `nmt evaluate` decodes: the same Translator, options and batching
+    translator = Translator(inner, tokenizer, cfg, {"length_ratio": list(length_ratio)}, device,
+                            precision)  # fmt: skip
+    options = replace(translator.options, beam_size=tc.valid_beam_size, n_best=1)
+    texts = [""] * n
+    for i, result in translate_encoded(translator, dev.src_ids(n), options):
+        texts[i] = result.text
+    refs = dev_refs[:n]
     scores = corpus_scores(texts, [refs])
     inner.train()
     nll_avg = nll_sum / max(tokens, 1)
@@ -121,7 +103,7 @@ def validate(
         "dev_bleu": scores.bleu,
         "dev_chrf": scores.chrf,
         "bleu_signature": scores.bleu_signature,
-        "dev_sentences": len(order),
+        "dev_sentences": n,
     }
 
 
@@ -141,12 +123,14 @@ def score_on_dev(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     translator = Translator.load(model_dir, device=device)
     tokenizer = translator.tokenizer
     refs = list(read_lines(ref_path))
-    a, b = meta.get("length_ratio") or (translator.max_len_a, translator.max_len_b)
+    a, b = meta.get("length_ratio") or (translator.options.max_len_a, translator.options.max_len_b)
     with tempfile.TemporaryDirectory() as cache:  # built as the training run builds its dev set
         dev = EncodedCorpus.build(src_path, ref_path, tokenizer, cache, 10_000, 1e9)
         row_refs = [refs[int(line)] for line in dev.lines]  # rows skip empty lines
-        return validate(translator.model, dev, row_refs, tokenizer, cfg, translator.device,
-                        "fp32", (float(a), float(b)))  # fmt: skip
+        model = translator.model
+        assert isinstance(model, Seq2Seq)  # one directory: never an ensemble
+        return validate(model, dev, row_refs, tokenizer, cfg, translator.device, "fp32",
+                        (float(a), float(b)))  # fmt: skip
 
 
 def write_averaged_model(

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -52,7 +53,9 @@ def load_translator(settings: Settings) -> Callable[[], TranslatorLike]:
     """A function that loads NMT_MODEL_DIR with `Translator.load` (safetensors weights only)."""
     if settings.model_dir is None:
         raise ValueError("no model: set NMT_MODEL_DIR to a model directory (e.g. runs/NAME/model)")
-    model_dir = settings.model_dir
+    # "A,B" serves an ensemble of A and B as one model
+    model_dirs = [Path(part) for part in str(settings.model_dir).split(",") if part.strip()]
+    model_dir = model_dirs[0] if len(model_dirs) == 1 else model_dirs
 
     def load() -> TranslatorLike:
         from nmt.translate import Translator

@@ -23,15 +23,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-STREAM = "stream"  # the key of token-by-token jobs, which always run alone
 
 
 class ServiceError(Exception):
@@ -72,37 +70,33 @@ class TranslatorLike(Protocol):
     """What the worker needs from `nmt.translate.Translator`."""
 
     tokenizer: Any
+    options: Any  # the model's own nmt.search.SearchOptions
 
     def translate(
         self,
         texts: list[str],
+        options: Any = ...,
         *,
-        beam_size: int | None = ...,
-        n_best: int = ...,
-        max_length: int | None = ...,
-        return_alignments: bool = ...,
-        length_cap: int | None = ...,
+        prefixes: Sequence[str | None] | None = ...,
         should_stop: Callable[[], bool] | None = ...,
     ) -> list[Any]: ...
 
-    def translate_stream(self, text: str, *, length_cap: int | None = ...) -> Iterator[str]: ...
+    def translate_stream(
+        self,
+        text: str,
+        options: Any = ...,
+        *,
+        prefix: str | None = ...,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool] | None = ...,
+    ) -> Any: ...
 
     def info(self) -> dict[str, Any]: ...
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    """One batch's decoding options; texts are only batched with texts that share them."""
-
-    beam_size: int
-    n_best: int = 1
-    max_length: int | None = None
-    return_alignments: bool = False
-
-
-def beams_of(key: DecodeOptions | str) -> int:
-    """Decoder rows one source text occupies under these options (1 for token streaming)."""
-    return key.beam_size if isinstance(key, DecodeOptions) else 1
+def beams_of(options: Any) -> int:
+    """Decoder rows one source text occupies under these options (nmt.search.SearchOptions)."""
+    return int(options.beam_size)
 
 
 @dataclass(frozen=True)
@@ -119,11 +113,13 @@ class Job:
     """One request's texts on their way through the queue."""
 
     texts: list[str]
-    key: DecodeOptions | str  # STREAM for token streaming
+    key: Any  # its nmt.search.SearchOptions: texts are only batched with texts that share them
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() by which the request must be answered
     timeout_s: float
     request_id: str = ""
+    tokens: bool = False  # streamed token by token: runs alone, `token` events before its `end`
+    prefixes: list[str | None] | None = None  # a target prefix per text
     events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the route (timeout, client gone); the worker skips the job
     batches: int = 0  # batches of this job taken so far (worker thread only): fair scheduling
@@ -311,15 +307,22 @@ class Batcher:
     def submit(
         self,
         texts: list[str],
-        key: DecodeOptions | str,
+        options: Any,
         timeout_s: float,
         *,
         lengths: list[int] | None = None,
         request_id: str = "",
+        stream: bool = False,
+        prefixes: list[str | None] | None = None,
     ) -> Job:
-        """Queues texts for translation; raises a ServiceError at once when that cannot happen.
+        """Queues texts for translation with these options (nmt.search.SearchOptions); raises a
+        ServiceError at once when that cannot happen.
 
-        `lengths`: each text's source subwords, when the route has counted them already."""
+        `lengths`: each text's source subwords, when the route has counted them already.
+        `stream`: one text decoded token by token (greedy search or sampling).
+        `prefixes`: a target prefix per text (None or '': none)."""
+        if stream and (len(texts) != 1 or beams_of(options) != 1):
+            raise ValueError("token streaming takes one text and beam_size 1")
         if not self._ready.is_set():
             if self.load_error is not None:
                 raise NotReadyError("the model failed to load; see the server log")
@@ -327,7 +330,8 @@ class Batcher:
         if not self.ready and not self._stopping:
             raise NotReadyError("the model worker is restarting", self.retry_after_s)
         now = time.monotonic()
-        job = Job(texts, key, asyncio.get_running_loop(), now + timeout_s, timeout_s, request_id)
+        job = Job(texts, options, asyncio.get_running_loop(), now + timeout_s, timeout_s,
+                  request_id, stream, prefixes)  # fmt: skip
         counts = lengths if lengths is not None else [0] * len(texts)
         with self._cond:
             if self._stopping:
@@ -344,7 +348,7 @@ class Batcher:
                 for i, n in enumerate(counts)
             ]
             for item in items:
-                item.work = (item.tokens or UNKNOWN_LENGTH) * beams_of(key)
+                item.work = (item.tokens or UNKNOWN_LENGTH) * beams_of(options)
             self._admit(sum(it.work for it in items), timeout_s)
             self._inbound.extend(items)
             self._queued += len(texts)
@@ -368,7 +372,7 @@ class Batcher:
             )
 
     async def translate(
-        self, texts: list[str], options: DecodeOptions, timeout_s: float, **submit: Any
+        self, texts: list[str], options: Any, timeout_s: float, **submit: Any
     ) -> list[Any]:
         """Translations of `texts` in input order, translated together with other requests."""
         job = self.submit(texts, options, timeout_s, **submit)
@@ -443,8 +447,9 @@ class Batcher:
     def _warm_up(self, translator: TranslatorLike) -> None:
         """One short translation, so the first client does not pay for kernel setup."""
         start = time.perf_counter()
-        translator.translate(["Hello, world."], beam_size=1, length_cap=self.length_cap)
-        translator.translate(["Hello, world."], length_cap=self.length_cap)
+        options = self._capped(translator.options)
+        translator.translate(["Hello, world."], replace(options, beam_size=1, n_best=1))
+        translator.translate(["Hello, world."], options)
         logger.info("warm-up took %.2f s", time.perf_counter() - start)
 
     def _collect(self, timeout_s: float) -> bool:
@@ -509,7 +514,7 @@ class Batcher:
             if not self._pending:
                 continue
             first = min(self._pending, key=lambda it: it.priority)
-            if self.batching and first.job.key != STREAM:
+            if self.batching and not first.job.tokens:
                 fill_by = first.enqueued + self.max_wait_s
                 while (left := fill_by - time.monotonic()) > 0 and not self._full(first.job.key):
                     if not self._collect(left):
@@ -523,26 +528,28 @@ class Batcher:
             self._dequeued(batch)
             return batch
 
-    def _work(self, longest: int, n: int, key: DecodeOptions | str) -> int:
+    def _work(self, longest: int, n: int, key: Any) -> int:
         """The budgeted work of n texts padded to `longest` subwords: decoder rows x length."""
         return longest * n * beams_of(key)
 
-    def _full(self, key: DecodeOptions | str) -> bool:
-        same = [it.tokens for it in self._pending if it.job.key == key]
+    def _full(self, key: Any) -> bool:
+        same = [it.tokens for it in self._pending if it.job.key == key and not it.job.tokens]
         return self._work(max(same), len(same), key) >= self.batch_tokens
 
     def _take(self, first: _Item) -> list[_Item]:
         """`first` and the texts with its options that fit the budget, least-served first
         (first's request only without batching)."""
         key = first.job.key
-        if key == STREAM:
+        if first.job.tokens:
             chosen = [first]
         else:
             candidates = sorted(
                 (
                     it
                     for it in self._pending
-                    if it.job.key == key and (self.batching or it.job is first.job)
+                    if it.job.key == key
+                    and not it.job.tokens
+                    and (self.batching or it.job is first.job)
                 ),
                 key=lambda it: it.priority,
             )
@@ -562,11 +569,11 @@ class Batcher:
         assert self.translator is not None
         key = batch[0].job.key
         start = time.perf_counter()
+        stream = batch[0].job.tokens
         try:
-            if key == STREAM:
+            if stream:
                 self._stream_one(batch[0])
             else:
-                assert isinstance(key, DecodeOptions)
                 self._translate_batch(batch, key)
         except Exception as err:  # a bug or a model failure: answer every request, keep serving
             if _is_cancellation(err):
@@ -585,7 +592,7 @@ class Batcher:
             return
         seconds = time.perf_counter() - start
         work = self._work(max(it.tokens for it in batch), len(batch), key)
-        if key != STREAM and seconds > 0:
+        if not stream and seconds > 0:
             rate = sum(it.work for it in batch) / seconds
             old = self.work_rate
             self.work_rate = rate if old is None else old + RATE_SMOOTHING * (rate - old)
@@ -594,21 +601,30 @@ class Batcher:
         self.metrics.batch_tokens.observe(work)
         self.metrics.texts.inc(len(batch))
 
-    def _translate_batch(self, batch: list[_Item], options: DecodeOptions) -> None:
-        assert self.translator is not None
-        jobs = list({id(it.job): it.job for it in batch}.values())
+    def _capped(self, options: Any) -> Any:
+        """options with the server's hard cap on output length applied."""
+        if self.length_cap is None:
+            return options
+        cap = options.max_len_cap
+        return replace(
+            options, max_len_cap=self.length_cap if cap is None else min(cap, self.length_cap)
+        )
 
+    def _nobody_waits(self, jobs: list[Job]) -> Callable[[], bool]:
         def nobody_waits() -> bool:
             return all(job.abandoned for job in jobs) or time.monotonic() > self._stop_by
 
+        return nobody_waits
+
+    def _translate_batch(self, batch: list[_Item], options: Any) -> None:
+        assert self.translator is not None
+        jobs = list({id(it.job): it.job for it in batch}.values())
+        prefixes = [it.job.prefixes[it.index] if it.job.prefixes else None for it in batch]
         results = self.translator.translate(
             [it.job.texts[it.index] for it in batch],
-            beam_size=options.beam_size,
-            n_best=options.n_best,
-            max_length=options.max_length,
-            return_alignments=options.return_alignments,
-            length_cap=self.length_cap,
-            should_stop=nobody_waits,
+            self._capped(options),
+            prefixes=prefixes if any(prefixes) else None,
+            should_stop=self._nobody_waits(jobs),
         )
         for item, result in zip(batch, results, strict=True):
             item.job.emit(JobEvent("result", item.index, result))
@@ -616,13 +632,18 @@ class Batcher:
     def _stream_one(self, item: _Item) -> None:
         assert self.translator is not None
         job = item.job
-        for text in self.translator.translate_stream(
-            job.texts[item.index], length_cap=self.length_cap
-        ):
-            if job.abandoned or time.monotonic() > self._stop_by:
-                return  # the route has answered with a timeout or the client has left
+
+        def on_text(text: str) -> None:
             job.emit(JobEvent("token", item.index, text))
-        job.emit(JobEvent("end", item.index))
+
+        result = self.translator.translate_stream(
+            job.texts[item.index],
+            self._capped(job.key),
+            prefix=job.prefixes[item.index] if job.prefixes else None,
+            on_text=on_text,
+            should_stop=self._nobody_waits([job]),
+        )
+        job.emit(JobEvent("end", item.index, result))
 
     def _fail_jobs(self, items: list[_Item]) -> None:
         """Answers the requests of these texts with a 500 that names no internals."""

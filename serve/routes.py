@@ -1,12 +1,14 @@
 """HTTP routes: translate, stream, health, readiness, model info, metrics and the web page.
 
-Routes stay thin: they turn a request into `DecodeOptions`, queue the texts on the batcher, await
+Routes stay thin: they turn a request into `SearchOptions` (the model's own, changed by what the
+request asks, with `dataclasses.replace`: the rules live there), queue the texts on the batcher, await
 the worker's results and shape the response. This module is imported at runtime by FastAPI's
 annotation reading, so its annotations are real objects (no `from __future__ import annotations`).
 """
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import math
@@ -19,14 +21,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serve.batcher import (
-    STREAM,
-    Batcher,
-    DecodeOptions,
-    NotReadyError,
-    ServiceError,
-    TranslatorLike,
-)
+from serve.batcher import Batcher, NotReadyError, ServiceError, TranslatorLike
 from serve.middleware import error_body, request_id_of
 from serve.schemas import (
     Alignment,
@@ -83,10 +78,10 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: _error("Missing or invalid 
 STREAM_DESCRIPTION = """Server-Sent Events, each `data` a JSON object:
 
 * `token` (`{"index", "text"}`): the translation so far, after each new subword. Only for one
-  text decoded greedily (`beam_size` 1, asked or the model's default; `n_best` 1; no
-  `max_length`; no alignments).
+  text decoded greedily or sampled (`beam_size` 1, asked or the model's default; `n_best` 1; no
+  alignments), with every other option applied as in `/v1/translate`.
 * `translation` (`{"index", "text", "score", "finished", "n_best", "alignment"}`): a text is done;
-  one per text, in input order. After `token` events, `score` and `finished` are null.
+  one per text, in input order.
 * `error` (the `ErrorResponse` body): translation failed or timed out; the stream ends.
 * `done` (`{"request_id", "count"}`): the last event of a successful stream.
 """
@@ -118,10 +113,10 @@ def _weights(rows: list[list[float]] | None) -> list[list[float | None]] | None:
     ]
 
 
-def to_translation(result: Any, options: DecodeOptions) -> Translation:
+def to_translation(result: Any, options: Any) -> Translation:
     """A `nmt.translate.TranslationResult` as the API's `Translation`."""
     alignment = None
-    if options.return_alignments:
+    if options.return_attention:
         alignment = Alignment(
             src_tokens=list(result.src_tokens),
             tgt_tokens=list(result.tgt_tokens),
@@ -196,26 +191,52 @@ def build_router(
     protected = APIRouter(dependencies=auth, responses=auth_errors)
     timeout_s = settings.request_timeout_s
 
-    def resolve(body: TranslateRequestBase, batcher: Batcher) -> DecodeOptions:
-        beam = body.beam_size or default_beam_size(batcher)
-        if body.n_best > beam:
-            raise InvalidRequestError(
-                f"n_best ({body.n_best}) cannot exceed the beam size ({beam}, the model's "
-                "default); ask for a larger beam_size",
-                ["body", "n_best"],
-            )
+    def resolve(body: TranslateRequestBase, batcher: Batcher) -> Any:
+        """The model's SearchOptions changed by the request; SearchOptions checks them (a bad
+        combination is a 422 naming the field)."""
         if body.return_alignments and len(body.text) > settings.max_alignment_texts:
             raise InvalidRequestError(
                 f"return_alignments is allowed for at most {settings.max_alignment_texts} texts "
                 f"per request (got {len(body.text)})",
                 ["body", "return_alignments"],
             )
-        return DecodeOptions(beam, body.n_best, body.max_length, body.return_alignments)
+        base = ready_translator(batcher).options
+        changes = {
+            field: getattr(body, name)
+            for name, field in body.SEARCH_FIELDS.items()
+            if getattr(body, name) is not None
+        }
+        if body.sampling is not None:
+            changes.setdefault("beam_size", 1)
+        if body.max_length is not None:  # an absolute limit instead of the length rule
+            changes.update(max_len_a=0.0, max_len_b=float(body.max_length))
+        changes["max_len_cap"] = settings.max_output_length
+        changes["return_attention"] = body.return_alignments
+        try:
+            return dataclasses.replace(base, **changes)
+        except ValueError as err:
+            message = str(err)
+            if message.startswith("n_best") and body.beam_size is None:
+                message += " (the model's default beam size); ask for a larger beam_size"
+            field = next(
+                (n for n, f in body.SEARCH_FIELDS.items() if message.startswith(f)), "body"
+            )
+            raise InvalidRequestError(message, ["body", field]) from None
 
-    async def subword_counts(texts: list[str], batcher: Batcher) -> list[int]:
+    async def subword_counts(body: TranslateRequestBase, batcher: Batcher) -> list[int]:
         """Each text's source subwords after the tokenizer's normalisation; 422 over the limit
-        (characters are counted before normalisation, which can multiply them)."""
+        (characters are counted before normalisation, which can multiply them), and for a target
+        prefix longer than the output limit."""
+        texts = body.text
         tokenizer = ready_translator(batcher).tokenizer
+        for i, prefix in enumerate(body.target_prefix or []):
+            n = len(tokenizer.encode_tgt([prefix])[0]) if prefix else 0
+            if n > settings.max_output_length:
+                raise InvalidRequestError(
+                    f"target prefix {i} is {n} subwords long; the output limit is "
+                    f"{settings.max_output_length}",
+                    ["body", "target_prefix", i],
+                )
         if sum(map(len, texts)) <= INLINE_ENCODE_CHARS:
             encoded = tokenizer.encode_src(texts)
         else:  # long texts take milliseconds: keep the event loop free meanwhile
@@ -247,12 +268,18 @@ def build_router(
         `return_alignments`, the subwords and attention matrix. Concurrent requests with the same
         decoding options are translated together."""
         options = resolve(body, batcher)
-        lengths = await subword_counts(body.text, batcher)
+        lengths = await subword_counts(body, batcher)
         request_id = request_id_of(request.scope)
+        prefixes: list[str | None] | None = list(body.target_prefix) if body.target_prefix else None
         results = await unless_disconnected(
             request,
             batcher.translate(
-                body.text, options, timeout_s, lengths=lengths, request_id=request_id
+                body.text,
+                options,
+                timeout_s,
+                lengths=lengths,
+                request_id=request_id,
+                prefixes=prefixes,
             ),
         )
         return TranslateResponse(
@@ -285,15 +312,18 @@ def build_router(
         starts, so a full queue is still a plain 503."""
         options = resolve(body, batcher)
         texts: list[str] = body.text
-        lengths = await subword_counts(texts, batcher)
-        token_mode = len(texts) == 1 and options == DecodeOptions(beam_size=1)
+        lengths = await subword_counts(body, batcher)
+        token_mode = len(texts) == 1 and options.mode != "beam" and not options.return_attention
         request_id = request_id_of(request.scope)
+        prefixes: list[str | None] | None = list(body.target_prefix) if body.target_prefix else None
         job = batcher.submit(
             texts,
-            STREAM if token_mode else options,
+            options,
             timeout_s,
             lengths=lengths,
             request_id=request_id,
+            stream=token_mode,
+            prefixes=prefixes,
         )
 
         async def events() -> AsyncIterator[str]:
@@ -303,11 +333,7 @@ def build_router(
                     if event.kind == "token":
                         last = event.value
                         yield sse("token", TokenEvent(index=event.index, text=last).model_dump())
-                    elif event.kind == "end":
-                        done = {"index": event.index, "text": last, "score": None}
-                        extra: dict[str, Any] = {"finished": None, "n_best": [], "alignment": None}
-                        yield sse("translation", {**done, **extra})
-                    else:
+                    else:  # "result", or "end" after token events: the finished translation
                         data = to_translation(event.value, options).model_dump()
                         yield sse("translation", {"index": event.index, **data})
                 yield sse("done", DoneEvent(request_id=request_id, count=len(texts)).model_dump())

@@ -7,7 +7,7 @@ model; every error response has the shape of `ErrorResponse`.
 
 import re
 import unicodedata
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -62,6 +62,19 @@ def _one_or_many(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+Sampling = Literal["topk", "topp"]
+
+
+def check_prefix(text: str) -> str:
+    """A target prefix: may be empty, never control characters or unpaired surrogates."""
+    bad = _BAD_CHAR.search(text)
+    if bad is not None:
+        raise ValueError(
+            f"target prefix contains U+{ord(bad.group()):04X} at position {bad.start()}"
+        )
+    return text
+
+
 class TranslateRequestBase(BaseModel):
     """Texts and decoding options; subclassed per app with the configured limits."""
 
@@ -72,12 +85,33 @@ class TranslateRequestBase(BaseModel):
     n_best: int = 1
     max_length: int | None = None
     return_alignments: bool = False
+    length_penalty: float | None = None
+    coverage_penalty: float | None = None
+    min_length: int | None = None
+    no_repeat_ngram: int | None = None
+    sampling: Sampling | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    target_prefix: list[str] | None = None
 
     @model_validator(mode="after")
-    def _n_best_within_beam(self) -> "TranslateRequestBase":
-        if self.beam_size is not None and self.n_best > self.beam_size:
-            raise ValueError(f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})")
+    def _one_prefix_per_text(self) -> "TranslateRequestBase":
+        if self.target_prefix is not None and len(self.target_prefix) != len(self.text):
+            raise ValueError(
+                f"target_prefix has {len(self.target_prefix)} entries for {len(self.text)} texts; "
+                "give one per text ('' for none)"
+            )
         return self
+
+    # request field -> nmt.search.SearchOptions field (the rules live there)
+    SEARCH_FIELDS: ClassVar[dict[str, str]] = {
+        "beam_size": "beam_size", "n_best": "n_best", "length_penalty": "length_penalty",
+        "coverage_penalty": "coverage_penalty", "min_length": "min_len",
+        "no_repeat_ngram": "no_repeat_ngram", "sampling": "sampling", "top_k": "top_k",
+        "top_p": "top_p", "temperature": "temperature", "seed": "seed",
+    }  # fmt: skip
 
 
 def translate_request_model(settings: Settings) -> type[TranslateRequestBase]:
@@ -144,7 +178,69 @@ def translate_request_model(settings: Settings) -> type[TranslateRequestBase]:
         ),
         return_alignments=(
             bool,
-            Field(False, description="Also return subwords and the attention matrix."),
+            Field(
+                False,
+                description="Also return subwords and the attention matrix (at most "
+                f"{settings.max_alignment_texts} texts per request).",
+            ),
+        ),
+        length_penalty=(
+            float | None,
+            Field(None, ge=0, le=5, description="GNMT length penalty alpha. Default: the model's."),
+        ),
+        coverage_penalty=(
+            float | None,
+            Field(
+                None, ge=0, le=5, description="GNMT coverage penalty beta. Default: the model's."
+            ),
+        ),
+        min_length=(
+            int | None,
+            Field(
+                None,
+                ge=0,
+                le=settings.max_output_length,
+                description="No end of sentence before this many subwords.",
+            ),
+        ),
+        no_repeat_ngram=(
+            int | None,
+            Field(None, ge=0, le=10, description="No n-gram of this order appears twice."),
+        ),
+        sampling=(
+            Sampling | None,
+            Field(
+                None,
+                description="Draw the translation instead of searching: from the top_k most "
+                "likely subwords (topk) or the smallest set with probability >= top_p (topp); "
+                "needs beam_size 1.",
+            ),
+        ),
+        top_k=(int | None, Field(None, ge=0, le=1000, description="topk: 0 means all subwords.")),
+        top_p=(float | None, Field(None, gt=0, le=1, description="topp: the nucleus mass.")),
+        temperature=(float | None, Field(None, ge=0, le=10, description="Sampling temperature.")),
+        seed=(
+            int | None,
+            Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible."),
+        ),
+        target_prefix=(
+            Annotated[
+                list[
+                    Annotated[
+                        str,
+                        StringConstraints(max_length=settings.max_chars),
+                        AfterValidator(check_prefix),
+                    ]
+                ],
+                BeforeValidator(_one_or_many),
+            ]
+            | None,
+            Field(
+                None,
+                description="Per text, the start its translation must have (one string per "
+                "text, '' for none; a single string for a single text): the output starts with "
+                "it verbatim and the model continues from it.",
+            ),
         ),
     )
     model.model_config["json_schema_extra"] = {

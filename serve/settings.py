@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     )
 
     # -- the model ----------------------------------------------------------------------------
-    model_dir: Path | None = None  # a model directory written by `nmt train`
+    model_dir: str | Path | None = None  # a model dir written by `nmt train`; "A,B": an ensemble
     device: str = "cpu"  # cpu, cuda, cuda:1 or auto
     precision: Literal["fp32", "bf16"] = "fp32"
     quantize: bool = False  # int8 dynamic quantisation (CPU)

@@ -135,11 +135,9 @@ def test_shapes_and_attention_is_a_distribution_over_real_tokens(combo: tuple[st
     layers, hidden = model.decoder.num_layers, model.decoder.hidden_dim
     assert state.hidden.shape == (layers, b, hidden)
     assert state.cell.shape == (layers, b, hidden if combo[0] == "lstm" else 0)
-    assert state.coverage.shape == (b, s)
     step_logits, state, step_attn = model.step(batch["tgt_in"][:, 0], state, memory)
     assert step_logits.shape == (b, VOCAB)
     assert step_attn.shape == (b, s)
-    torch.testing.assert_close(state.coverage, step_attn)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
@@ -206,7 +204,6 @@ def test_step_loop_gives_the_teacher_forced_logits(combo: tuple[str, str, str]):
             step_attn.append(weights)
     torch.testing.assert_close(torch.stack(step_logits, 1), logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(step_attn, 1), attn, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(state.coverage, attn.sum(1), atol=1e-5, rtol=1e-5)
 
 
 FAST_VARIANTS = [
@@ -392,7 +389,6 @@ def test_state_and_memory_reorder_rows():
     torch.testing.assert_close(reordered.hidden, state.hidden[:, idx])
     torch.testing.assert_close(reordered.cell, state.cell[:, idx])
     torch.testing.assert_close(reordered.attn_vector, state.attn_vector[idx])
-    torch.testing.assert_close(reordered.coverage, state.coverage[idx])
     memory4 = memory.index_select(idx)
     assert isinstance(memory4, EncoderMemory)
     logits4, _, _ = model.step(batch["tgt_in"][idx, 1], reordered, memory4)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from search_helpers import call
 from test_model import BOS, EOS, PAD, VOCAB, make_model, pad_batch
 from test_search import TableModel, batch, random_table
 from torch import Tensor
@@ -126,10 +127,10 @@ def test_search_over_columns_returns_token_ids():
     for seed in range(4):
         table = random_table(seed, keys=3, steps=4)
         dense, sparse = TableModel(table), SparseTableModel(table, ids)
-        g_dense = greedy_search(dense, *batch(*sentences), **kw)  # type: ignore[arg-type]
-        g_sparse = greedy_search(sparse, *batch(*sentences), **kw)  # type: ignore[arg-type]
-        b_dense = beam_search(dense, *batch(*sentences), beam_size=3, n_best=3, **kw)  # type: ignore[arg-type]
-        b_sparse = beam_search(sparse, *batch(*sentences), beam_size=3, n_best=3, **kw)  # type: ignore[arg-type]
+        g_dense = call(greedy_search, dense, *batch(*sentences), **kw)  # type: ignore[arg-type]
+        g_sparse = call(greedy_search, sparse, *batch(*sentences), **kw)  # type: ignore[arg-type]
+        b_dense = call(beam_search, dense, *batch(*sentences), beam_size=3, n_best=3, **kw)  # type: ignore[arg-type]
+        b_sparse = call(beam_search, sparse, *batch(*sentences), beam_size=3, n_best=3, **kw)  # type: ignore[arg-type]
         for a, b in zip(g_dense, g_sparse, strict=True):
             assert [ids[c] for c in a.tokens] == b.tokens
             assert a.score == pytest.approx(b.score)
@@ -149,10 +150,10 @@ def test_trained_model_scores_the_target_sides_tokens(tiny_model_dir: Path, toy_
     card = (tiny_model_dir / "README.md").read_text(encoding="utf-8")
     assert f"| Output vocabulary | {len(seen):,} tokens" in card
     # every token of the output comes from the target side, whatever the search
-    src, lengths, mask, _ = translator._encode(["el gato negro", "la casa"])
+    src, lengths, mask, *_ = translator._batch(tok.encode_src(["el gato negro", "la casa"]))
     kw = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "max_len_a": 1.5, "max_len_b": 5}
-    hyps = greedy_search(model, src, lengths, mask, **kw)  # type: ignore[arg-type]
-    nbest = beam_search(model, src, lengths, mask, beam_size=4, n_best=4, **kw)  # type: ignore[arg-type]
+    hyps = call(greedy_search, model, src, lengths, mask, **kw)  # type: ignore[arg-type]
+    nbest = call(beam_search, model, src, lengths, mask, beam_size=4, n_best=4, **kw)  # type: ignore[arg-type]
     for h in [*hyps, *(h for n in nbest for h in n)]:
         assert h.tokens and set(h.tokens) <= seen and math.isfinite(h.score)
 
@@ -187,7 +188,7 @@ def test_search_refuses_a_model_that_cannot_end_a_sentence():
     table = random_table(0, keys=3, steps=4)
     model = SparseTableModel(table, [0, 1, 2, 30, 40, 50, 60])  # no column is EOS (id 3)
     with pytest.raises(ValueError, match=r"EOS \(id 3\) is not one of the model's output tokens"):
-        greedy_search(model, *batch([4]), bos_id=2, eos_id=3, max_len_a=0.0, max_len_b=3)  # type: ignore[arg-type]
+        call(greedy_search, model, *batch([4]), bos_id=2, eos_id=3, max_len_a=0.0, max_len_b=3)  # type: ignore[arg-type]
 
 
 def test_averaging_refuses_different_output_vocabularies(tmp_path: Path):

@@ -5,19 +5,23 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
+from search_helpers import call
 from torch import Tensor
 
 import nmt.search
 from nmt.config import load_config
 from nmt.model import Seq2Seq, build_model
 from nmt.search import (
+    Ensemble,
     Hypothesis,
     SearchCancelledError,
+    SearchOptions,
     beam_search,
     block_repeated_ngrams,
     greedy_search,
@@ -143,12 +147,12 @@ def batch(*sentences: list[int]) -> tuple[Tensor, Tensor, Tensor]:
 
 def run_greedy(model: TableModel, *sentences: list[int], **kw: object) -> list[Hypothesis]:
     args = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 0.0, "max_len_b": 6} | kw
-    return greedy_search(model, *batch(*sentences), **args)  # type: ignore[arg-type]
+    return call(greedy_search, model, *batch(*sentences), **args)  # type: ignore[arg-type]
 
 
 def run_beam(model: TableModel, *sentences: list[int], **kw: object) -> list[list[Hypothesis]]:
     args = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 0.0, "max_len_b": 6} | kw
-    return beam_search(model, *batch(*sentences), **args)  # type: ignore[arg-type]
+    return call(beam_search, model, *batch(*sentences), **args)  # type: ignore[arg-type]
 
 
 # greedy takes a (0.6) then a (0.4) then EOS (0.5): p = 0.12
@@ -244,7 +248,7 @@ def test_beam_of_one_matches_greedy() -> None:
             assert b.log_prob == pytest.approx(g.log_prob, abs=1e-5)
             assert b.score == pytest.approx(g.score, abs=1e-5)
             assert b.finished == g.finished
-        assert search(model, *batch(*sentences), bos_id=BOS, eos_id=EOS, **kw) == [  # type: ignore[arg-type]
+        assert call(search, model, *batch(*sentences), bos_id=BOS, eos_id=EOS, **kw) == [  # type: ignore[arg-type]
             [g] for g in greedy
         ]
 
@@ -527,15 +531,19 @@ def test_early_stop_ends_a_sentence_once_nothing_can_beat_it() -> None:
     assert len(model.batch_sizes) > 2
 
 
-def test_sampling_at_zero_temperature_or_top_one_is_greedy() -> None:
+def test_sampling_at_zero_temperature_top_one_or_tiny_top_p_is_greedy() -> None:
     sentences = [[A + i % 3] * (1 + i % 5) for i in range(15)]
     for seed in range(3):
         model = TableModel(random_table(seed, keys=3, steps=6))
         kw = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 1.0, "max_len_b": 2}
-        greedy = greedy_search(model, *batch(*sentences), **kw)  # type: ignore[arg-type]
-        for options in ({"temperature": 1e-4}, {"temperature": 0.0}, {"top_k": 1}):
-            g = torch.Generator().manual_seed(seed)
-            drawn = sample(model, *batch(*sentences), generator=g, **kw, **options)  # type: ignore[arg-type]
+        greedy = call(greedy_search, model, *batch(*sentences), **kw)  # type: ignore[arg-type]
+        for options in (
+            {"temperature": 1e-4},
+            {"temperature": 0.0},
+            {"top_k": 1},
+            {"sampling": "topp", "top_p": 1e-6},
+        ):
+            drawn = call(sample, model, *batch(*sentences), seed=seed, **kw, **options)  # type: ignore[arg-type]
             assert [h.tokens for h in drawn] == [h.tokens for h in greedy]
             assert [h.log_prob for h in drawn] == pytest.approx([h.log_prob for h in greedy])
 
@@ -545,17 +553,30 @@ def test_sampling_is_reproducible_and_reports_model_log_probs() -> None:
     sentences = [[A, B, C]] * 40
     kw = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 2.0, "max_len_b": 0}
 
-    def draw(seed: int, **options: float) -> list[Hypothesis]:
-        g = torch.Generator().manual_seed(seed)
-        return sample(model, *batch(*sentences), generator=g, **kw, **options)  # type: ignore[arg-type]
+    def draw(seed: int, **options: object) -> list[Hypothesis]:
+        return call(sample, model, *batch(*sentences), seed=seed, **kw, **options)  # type: ignore[arg-type]
 
-    first, again, other = draw(0), draw(0), draw(1)
-    assert [h.tokens for h in first] == [h.tokens for h in again]
-    assert [h.tokens for h in first] != [h.tokens for h in other]
-    assert len({tuple(h.tokens) for h in first}) > 3  # a sample, not one answer repeated
-    for h in first + draw(3, temperature=0.7, top_k=2):
+    for options in ({}, {"sampling": "topp", "top_p": 0.9}):
+        first, again, other = draw(0, **options), draw(0, **options), draw(1, **options)
+        assert [h.tokens for h in first] == [h.tokens for h in again]
+        assert [h.tokens for h in first] != [h.tokens for h in other]
+        assert len({tuple(h.tokens) for h in first}) > 3  # a sample, not one answer repeated
+    for h in draw(0) + draw(3, temperature=0.7, top_k=2):
         assert h.log_prob == pytest.approx(model.log_prob(0, h.tokens), abs=1e-4)
         assert len(h.tokens) <= 6
+
+
+def test_top_p_draws_only_from_the_nucleus() -> None:
+    # step 0 after BOS: a 0.5, b 0.3, c 0.15, EOS 0.05; p = 0.7 keeps {a, b}, p = 0.85 {a, b, c}
+    first = {A: 0.5, B: 0.3, C: 0.15, EOS: 0.05}
+    table = scripted_table({(0, BOS): first, (1, A): {EOS: 1.0}, (1, B): {EOS: 1.0},
+                            (1, C): {EOS: 1.0}}, 2)  # fmt: skip
+    model = TableModel(table)
+    kw = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 0.0, "max_len_b": 3, "sampling": "topp"}
+    for p, allowed in ((0.7, {A, B}), (0.85, {A, B, C})):
+        drawn = call(sample, model, *batch(*[[A]] * 300), top_p=p, seed=0, **kw)  # type: ignore[arg-type]
+        seen = {h.tokens[0] for h in drawn}
+        assert seen == allowed, (p, seen)
 
 
 def test_bad_arguments_are_rejected() -> None:
@@ -567,7 +588,125 @@ def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="min_len"):
         run_greedy(model, [A], min_len=-1)
     with pytest.raises(ValueError, match="temperature"):
-        sample(model, *batch([A]), bos_id=BOS, eos_id=EOS, max_len_a=0, max_len_b=3, temperature=-1)
+        call(
+            sample,
+            model,
+            *batch([A]),
+            bos_id=BOS,
+            eos_id=EOS,
+            max_len_a=0,
+            max_len_b=3,
+            temperature=-1,
+        )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"beam_size": 2, "n_best": 3}, r"n_best \(3\) cannot exceed beam_size \(2\)"),
+        ({"sampling": "topk", "beam_size": 4}, "sampling draws one output per sentence"),
+        ({"top_p": 0.9}, "top_p applies to sampling only"),
+        ({"temperature": 0.5}, "temperature applies to sampling only"),
+        ({"seed": 1}, "seed applies to sampling only"),
+        ({"sampling": "topk", "beam_size": 1, "top_p": 0.5}, "top_p applies to sampling topp"),
+        ({"sampling": "topp", "beam_size": 1, "top_k": 5}, "top_k applies to sampling topk"),
+        ({"sampling": "topp", "beam_size": 1, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"sampling": "beam"}, "sampling must be none, topk or topp"),
+        ({"max_len_cap": -1}, "max_len_cap must be >= 0"),
+        ({"no_repeat_ngram": -2}, "no_repeat_ngram must be >= 0"),
+    ],
+)
+def test_search_options_check_themselves_once(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SearchOptions(**options)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        replace(SearchOptions(), **options)  # type: ignore[arg-type]
+
+
+def test_search_dispatches_on_the_options() -> None:
+    assert SearchOptions(beam_size=1).mode == "greedy"
+    assert SearchOptions(beam_size=2).mode == "beam"
+    assert SearchOptions(beam_size=3, n_best=2).mode == "beam"
+    assert SearchOptions(beam_size=1, sampling="topp", top_p=0.5).mode == "sample"
+
+
+# -- target prefixes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_a_prefix_is_forced_then_the_search_goes_on(beam_size: int) -> None:
+    model = TableModel(scripted_table(GARDEN_PATH, 4))
+
+    def best(**kw: object) -> Hypothesis:
+        if beam_size == 1:
+            return run_greedy(model, [A], **kw)[0]
+        return run_beam(model, [A], beam_size=beam_size, length_penalty=0.0, **kw)[0][0]
+
+    free = best()
+    assert free.tokens == ([A, A] if beam_size == 1 else [B])
+    for prefix in ([A], [A, B], [B, A]):
+        forced = best(prefixes=[prefix])
+        assert forced.tokens[: len(prefix)] == prefix
+        # forced tokens keep their model log-probabilities
+        assert forced.log_prob == pytest.approx(model.log_prob(0, forced.tokens), abs=1e-4)
+    # after the prefix the search is free again: greedy continues [a] with a, as unforced
+    assert best(prefixes=[[A]]).tokens == ([A, A] if beam_size == 1 else [A])
+
+
+def test_a_prefix_overrides_min_length_blocking_and_fits_the_length_limit() -> None:
+    model = TableModel(scripted_table(NEVER_ENDS, 2))
+    # a prefix longer than max_len: the limit grows to hold it, and EOS comes right after
+    (g,) = run_greedy(model, [A], max_len_b=1, no_repeat_ngram=1, prefixes=[[B, B, B]])
+    assert g.tokens == [B, B, B] and not g.finished
+    with pytest.raises(
+        ValueError, match="3 subwords long, more than the maximum output length of 2"
+    ):
+        run_greedy(model, [A], max_len_cap=2, prefixes=[[B, B, B]])
+
+
+def test_an_empty_prefix_is_normal_decoding_and_prefixes_differ_per_sentence() -> None:
+    model = TableModel(random_table(5, keys=3, steps=6))
+    sentences = [[A], [B, B], [C, A, B]]
+    free = run_beam(model, *sentences, beam_size=3, n_best=2)
+    same = run_beam(model, *sentences, beam_size=3, n_best=2, prefixes=[[], [], []])
+    assert [[h.tokens for h in n] for n in free] == [[h.tokens for h in n] for n in same]
+    mixed = run_beam(model, *sentences, beam_size=3, prefixes=[[], [A, B], []])
+    assert mixed[0][0].tokens == free[0][0].tokens and mixed[2][0].tokens == free[2][0].tokens
+    assert mixed[1][0].tokens[:2] == [A, B]
+
+
+# -- ensembles -----------------------------------------------------------------------------------
+
+
+def test_an_ensemble_of_one_or_of_two_copies_is_the_model_itself() -> None:
+    model = real_model("luong")
+    kw = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 1.5, "max_len_b": 3}
+    alone = call(beam_search, model, *batch(*REAL_SENTENCES), beam_size=3, n_best=2, **kw)  # type: ignore[arg-type]
+    for members in ([model], [model, model]):
+        together = call(
+            beam_search, Ensemble(members), *batch(*REAL_SENTENCES), beam_size=3, n_best=2, **kw
+        )  # type: ignore[arg-type]
+        assert [[h.tokens for h in n] for n in together] == [[h.tokens for h in n] for n in alone]
+        for n_a, n_b in zip(alone, together, strict=True):
+            assert [h.score for h in n_b] == pytest.approx([h.score for h in n_a], abs=1e-4)
+
+
+def test_an_ensemble_of_different_models_averages_their_log_probabilities() -> None:
+    one, other = real_model("luong"), real_model("luong")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    ens = Ensemble([one, other])
+    src, lengths, mask = batch(*REAL_SENTENCES)
+    mem, state = ens.encode(src, lengths, mask)
+    prev = torch.full((src.size(0),), BOS)
+    out, _, _ = ens.decode_step(prev, state, mem)
+    expected = []
+    for m in (one, other):
+        m_mem, m_state = m.encode(src, lengths, mask)
+        m_out, _, _ = m.decode_step(prev, m_state, m_mem)
+        expected.append(m.output_logits(m_out).log_softmax(-1))
+    torch.testing.assert_close(ens.output_logits(out), torch.stack(expected).mean(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,8 +738,8 @@ def real_model(variant: str) -> Seq2Seq:
 def test_real_model_beam_of_one_matches_greedy(variant: str) -> None:
     model = real_model(variant)
     kw = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 1.5, "max_len_b": 3}
-    greedy = greedy_search(model, *batch(*REAL_SENTENCES), **kw)  # type: ignore[arg-type]
-    beam = beam_search(model, *batch(*REAL_SENTENCES), beam_size=1, **kw)  # type: ignore[arg-type]
+    greedy = call(greedy_search, model, *batch(*REAL_SENTENCES), **kw)  # type: ignore[arg-type]
+    beam = call(beam_search, model, *batch(*REAL_SENTENCES), beam_size=1, **kw)  # type: ignore[arg-type]
     assert [h.tokens for h in greedy] == [nbest[0].tokens for nbest in beam]
     assert [h.log_prob for h in greedy] == pytest.approx([n[0].log_prob for n in beam], abs=1e-4)
     assert sum(len(h.tokens) for h in greedy) > 10
@@ -611,11 +750,11 @@ def test_real_model_sentence_alone_decodes_as_in_a_batch(variant: str) -> None:
     model = real_model(variant)
     kw = {"bos_id": BOS, "eos_id": EOS, "max_len_a": 1.5, "max_len_b": 3, "return_attention": True}
     beam_kw = {"beam_size": 3, "n_best": 2, "coverage_penalty": 0.2} | kw
-    greedy = greedy_search(model, *batch(*REAL_SENTENCES), **kw)  # type: ignore[arg-type]
-    beam = beam_search(model, *batch(*REAL_SENTENCES), **beam_kw)  # type: ignore[arg-type]
+    greedy = call(greedy_search, model, *batch(*REAL_SENTENCES), **kw)  # type: ignore[arg-type]
+    beam = call(beam_search, model, *batch(*REAL_SENTENCES), **beam_kw)  # type: ignore[arg-type]
     for sent, g, nbest in zip(REAL_SENTENCES, greedy, beam, strict=True):
-        (alone,) = greedy_search(model, *batch(sent), **kw)  # type: ignore[arg-type]
-        (nbest_alone,) = beam_search(model, *batch(sent), **beam_kw)  # type: ignore[arg-type]
+        (alone,) = call(greedy_search, model, *batch(sent), **kw)  # type: ignore[arg-type]
+        (nbest_alone,) = call(beam_search, model, *batch(sent), **beam_kw)  # type: ignore[arg-type]
         assert alone.tokens == g.tokens
         assert alone.score == pytest.approx(g.score, rel=1e-3)
         assert [h.tokens for h in nbest_alone] == [h.tokens for h in nbest]

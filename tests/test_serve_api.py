@@ -76,7 +76,9 @@ def test_translate_list_keeps_input_order(client: TestClient, translator: Transl
     r = client.post("/v1/translate", json={"text": texts, "beam_size": 2})
     assert r.status_code == 200
     got = [t["text"] for t in r.json()["translations"]]
-    assert got == [translator.translate([t], beam_size=2)[0].text for t in texts]
+    assert got == [
+        translator.translate([t], translator.with_options(beam_size=2))[0].text for t in texts
+    ]
 
 
 def test_n_best_and_alignments(client: TestClient, translator: Translator) -> None:
@@ -106,7 +108,9 @@ def test_n_best_and_alignments(client: TestClient, translator: Translator) -> No
 def test_max_length_caps_the_output(client: TestClient, translator: Translator) -> None:
     r = client.post("/v1/translate", json={"text": "La niña ve una casa ahora.", "max_length": 1})
     [t] = r.json()["translations"]
-    expected = translator.translate(["La niña ve una casa ahora."], max_length=1)[0]
+    expected = translator.translate(
+        ["La niña ve una casa ahora."], translator.with_options(max_len_a=0.0, max_len_b=1)
+    )[0]
     assert t["text"] == expected.text
     assert len(t["text"].split()) <= 1  # one subword is at most one word
 
@@ -135,7 +139,9 @@ def test_stream_one_greedy_text_sends_tokens_in_order_then_done(
     assert set(kinds[:-2]) == {"token"} and len(kinds) >= 3
     tokens = [data["text"] for kind, data in events if kind == "token"]
     assert len(set(tokens)) == len(tokens)  # each event adds something
-    expected = translator.translate(["El gato come pan hoy."], beam_size=1)[0].text
+    expected = translator.translate(
+        ["El gato come pan hoy."], translator.with_options(beam_size=1)
+    )[0].text
     assert tokens[-1] == events[-2][1]["text"] == expected
     assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(tokens))
     assert events[-1][1] == {"request_id": r.headers["X-Request-ID"], "count": 1}
@@ -149,7 +155,7 @@ def test_stream_many_texts_sends_one_event_per_text_in_order(
     events = parse_sse(r.text)
     assert [kind for kind, _ in events] == ["translation"] * 3 + ["done"]
     assert [data["index"] for _, data in events[:3]] == [0, 1, 2]
-    expected = translator.translate(texts, beam_size=2, n_best=2)
+    expected = translator.translate(texts, translator.with_options(beam_size=2, n_best=2))
     for (_, data), result in zip(events, expected, strict=False):
         assert data["text"] == result.text
         assert [h["text"] for h in data["n_best"]] == [t for t, _ in result.n_best]
@@ -277,6 +283,15 @@ BAD_BODIES = [
     ),
     ({"text": "Pan.", "n_best": 3, "beam_size": 2}, "n_best (3) cannot exceed beam_size (2)"),
     ([{"text": "Pan."}], "Input should be a valid dictionary"),
+    ({"text": "Pan.", "top_p": 0.5}, "top_p applies to sampling only"),
+    ({"text": "Pan.", "sampling": "topk", "beam_size": 3}, "sampling draws one output"),
+    ({"text": "Pan.", "sampling": "greedy"}, "sampling: Input should be 'topk' or 'topp'"),
+    ({"text": "Pan.", "sampling": "topp", "top_p": 0}, "top_p: Input should be greater than 0"),
+    ({"text": "Pan.", "temperature": 11}, "temperature: Input should be less than or equal"),
+    ({"text": "Pan.", "length_penalty": -1}, "length_penalty: Input should be greater than"),
+    ({"text": "Pan.", "no_repeat_ngram": 11}, "no_repeat_ngram: Input should be less than"),
+    ({"text": ["Pan.", "Sol."], "target_prefix": ["The"]}, "target_prefix has 1 entries for 2"),
+    ({"text": "Pan.", "target_prefix": "a\x07"}, "target prefix contains U+0007"),
 ]
 
 
@@ -300,7 +315,7 @@ def test_n_best_over_the_models_default_beam_is_a_422(
     beam = translator.cfg.decode.beam_size
     r = client.post("/v1/translate", json={"text": "Pan.", "n_best": beam + 1})
     assert r.status_code == 422
-    message = f"n_best ({beam + 1}) cannot exceed the beam size ({beam}, the model's default)"
+    message = f"n_best ({beam + 1}) cannot exceed beam_size ({beam}) (the model's default"
     assert r.json()["error"]["message"].startswith(message)
     assert r.json()["error"]["details"][0]["loc"] == ["body", "n_best"]
 
@@ -340,6 +355,58 @@ def test_unknown_paths_and_methods_have_the_error_shape(client: TestClient) -> N
     assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
     r = client.get("/v1/translate")
     assert (r.status_code, r.json()["error"]["code"]) == (405, "method_not_allowed")
+
+
+def test_decoding_options_of_a_request_are_the_translators(
+    client: TestClient, translator: Translator
+) -> None:
+    text = "La mujer busca un libro y la niña ve la luna mañana."
+    cases = [
+        ({"beam_size": 1, "no_repeat_ngram": 1}, {"beam_size": 1, "no_repeat_ngram": 1}),
+        ({"beam_size": 2, "length_penalty": 1.5, "coverage_penalty": 0.3},
+         {"beam_size": 2, "length_penalty": 1.5, "coverage_penalty": 0.3}),
+        ({"min_length": 9}, {"min_len": 9}),
+        ({"sampling": "topp", "top_p": 0.8, "seed": 5},
+         {"sampling": "topp", "top_p": 0.8, "seed": 5, "beam_size": 1}),
+        ({"sampling": "topk", "top_k": 3, "temperature": 0.7, "seed": 2},
+         {"sampling": "topk", "top_k": 3, "temperature": 0.7, "seed": 2, "beam_size": 1}),
+    ]  # fmt: skip
+    for body, options in cases:
+        expected = translator.translate([text], translator.with_options(**options))[0].text
+        r = client.post("/v1/translate", json={"text": text, **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["translations"][0]["text"] == expected, body
+        # token streaming applies the same options (one text, beam 1)
+        if options.get("beam_size") == 1:
+            events = parse_sse(
+                client.post("/v1/translate/stream", json={"text": text, **body}).text
+            )
+            assert events[0][0] == "token"
+            final = [d for e, d in events if e == "translation"][0]
+            assert final["text"] == expected and final["score"] is not None
+
+
+def test_a_target_prefix_starts_the_translation_in_every_route(
+    client: TestClient, translator: Translator
+) -> None:
+    texts = ["El gato come pan hoy.", "Mi amigo tiene flores."]
+    prefixes = ["The cat «quickly»", ""]
+    expected = [r.text for r in translator.translate(texts, translator.with_options(beam_size=2),
+                                                     prefixes=prefixes)]  # fmt: skip
+    assert expected[0].startswith(prefixes[0])
+    r = client.post(
+        "/v1/translate", json={"text": texts, "beam_size": 2, "target_prefix": prefixes}
+    )
+    assert [t["text"] for t in r.json()["translations"]] == expected
+    body = {"text": texts[0], "beam_size": 1, "target_prefix": "The dog"}
+    events = parse_sse(client.post("/v1/translate/stream", json=body).text)
+    tokens = [d["text"] for e, d in events if e == "token"]
+    assert tokens and all(t.startswith("The dog") for t in tokens)
+    long = {"text": texts[0], "target_prefix": "the dog and the cat and the man"}
+    with running(translator, max_output_length=4) as c:
+        r = c.post("/v1/translate", json=long)
+    assert r.status_code == 422 and "the output limit is 4" in r.json()["error"]["message"]
+    assert r.json()["error"]["details"][0]["loc"] == ["body", "target_prefix", 0]
 
 
 # -- auth and CORS --------------------------------------------------------------------------

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from nmt.search import SearchOptions
 from nmt.translate import TranslationResult, Translator
 from serve.app import create_app
-from serve.batcher import Batcher, DecodeOptions, ShuttingDownError
+from serve.batcher import Batcher, ShuttingDownError
 from serve.metrics import Metrics
 from serve.runner import serve_in_thread
 from serve.settings import settings_from
@@ -39,17 +39,23 @@ class Recording:
         self.tokenizer = inner.tokenizer
         self.cfg = inner.cfg
         self.delay_s = delay_s
-        self.calls: list[tuple[list[str], dict[str, Any]]] = []
+        self.calls: list[tuple[list[str], SearchOptions]] = []
         self.lock = threading.Lock()
 
-    def translate(self, texts: list[str], **options: Any) -> list[TranslationResult]:
-        with self.lock:
-            self.calls.append((list(texts), options))
-        time.sleep(self.delay_s)
-        return self.inner.translate(texts, **options)
+    @property
+    def options(self) -> SearchOptions:
+        return self.inner.options
 
-    def translate_stream(self, text: str) -> Iterator[str]:
-        return self.inner.translate_stream(text)
+    def translate(
+        self, texts: list[str], options: SearchOptions | None = None, **kw: Any
+    ) -> list[TranslationResult]:
+        with self.lock:
+            self.calls.append((list(texts), options or self.inner.options))
+        time.sleep(self.delay_s)
+        return self.inner.translate(texts, options, **kw)
+
+    def translate_stream(self, text: str, *args: Any, **kw: Any) -> TranslationResult:
+        return self.inner.translate_stream(text, *args, **kw)
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
@@ -103,7 +109,9 @@ def test_a_text_translates_the_same_alone_and_amid_concurrent_traffic(
     for body, r in zip(
         bodies, responses, strict=True
     ):  # and every client got its own text's translation
-        solo = translator.translate([body["text"]], beam_size=3, n_best=2)[0]
+        solo = translator.translate([body["text"]], translator.with_options(beam_size=3, n_best=2))[
+            0
+        ]
         assert r.json()["translations"][0]["text"] == solo.text
     assert "nmt_batch_size_texts_count" in metrics
 
@@ -121,15 +129,20 @@ def test_each_batch_has_one_option_set_and_every_request_its_own_options(
     def key(opts: dict[str, Any]) -> tuple[Any, ...]:
         return opts["beam_size"], opts.get("n_best", 1), opts.get("max_length")
 
+    def key_of(o: SearchOptions) -> tuple[Any, ...]:
+        return o.beam_size, o.n_best, int(o.max_len_b) if o.max_len_a == 0 else None
+
     asked: dict[str, set[tuple[Any, ...]]] = {}
     for body in bodies:
         asked.setdefault(body["text"], set()).add(key(body))
     assert len(recording.calls) < len(bodies)
     for texts, opts in recording.calls:
-        assert all(key(opts) in asked[t] for t in texts), (texts, opts)
+        assert all(key_of(opts) in asked[t] for t in texts), (texts, opts)
     for body, r in zip(bodies, responses, strict=True):
-        kwargs = {k: v for k, v in body.items() if k != "text"}
-        solo = translator.translate([body["text"]], **kwargs)[0]
+        changes = {k: v for k, v in body.items() if k in ("beam_size", "n_best")}
+        if "max_length" in body:
+            changes.update(max_len_a=0.0, max_len_b=body["max_length"])
+        solo = translator.translate([body["text"]], translator.with_options(**changes))[0]
         got = r.json()["translations"][0]
         assert got["text"] == solo.text
         assert len(got["n_best"]) == body.get("n_best", 1)
@@ -225,7 +238,7 @@ def test_stopping_answers_every_queued_request(translator: Translator) -> None:
     assert batcher.wait_ready(30)
 
     async def scenario() -> list[Any]:
-        options = DecodeOptions(beam_size=1)
+        options = translator.with_options(beam_size=1)
         tasks = [asyncio.create_task(batcher.translate([t], options, 30)) for t in TEXTS[:5]]
         await asyncio.sleep(0.1)  # the first is being translated, the rest wait in the queue
         stopper = threading.Thread(target=batcher.stop)
@@ -235,7 +248,10 @@ def test_stopping_answers_every_queued_request(translator: Translator) -> None:
         return results
 
     results = asyncio.run(scenario())
-    assert results[0][0].text == translator.translate([TEXTS[0]], beam_size=1)[0].text
+    assert (
+        results[0][0].text
+        == translator.translate([TEXTS[0]], translator.with_options(beam_size=1))[0].text
+    )
     assert all(isinstance(r, ShuttingDownError) for r in results[1:]), results
     assert batcher.queue_depth == 0
 

@@ -85,7 +85,9 @@ def test_page_translates_a_typed_sentence_with_n_best_and_attention(
 def test_page_streams_a_single_sentence_greedily(browser: Any, translator: Translator) -> None:
     app = create_app(settings_from(), translator=translator)
     with serve_in_thread(app) as url:
-        greedy = translator.translate(["El gato come pan hoy."], beam_size=1)[0].text
+        greedy = translator.translate(
+            ["El gato come pan hoy."], translator.with_options(beam_size=1)
+        )[0].text
         page = browser.new_page()
         page.goto(url + "/")
         page.wait_for_selector("#model-line:has-text('es → en')", timeout=15_000)
@@ -95,6 +97,29 @@ def test_page_streams_a_single_sentence_greedily(browser: Any, translator: Trans
         page.press("#source", "Control+Enter")
         page.wait_for_selector("#status:has-text('Done')", timeout=30_000)
         assert page.inner_text(".result .translation-text") == greedy
+        page.close()
+
+
+def test_page_sends_the_starts_with_box_as_a_target_prefix(
+    browser: Any, translator: Translator
+) -> None:
+    app = create_app(settings_from(), translator=translator)
+    prefix = "The dog"
+    with serve_in_thread(app) as url:
+        expected = translator.translate(
+            ["El gato come pan hoy."], translator.with_options(beam_size=2), prefixes=[prefix]
+        )[0].text
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#model-line:has-text('es → en')", timeout=15_000)
+        page.fill("#beam-size", "2")
+        page.fill("#n-best", "1")
+        page.fill("#prefix", prefix)
+        page.fill("#source", "El gato come pan hoy.")
+        page.click("#translate")
+        page.wait_for_selector("#status:has-text('Done')", timeout=30_000)
+        shown = page.inner_text(".result .translation-text")
+        assert shown == expected and shown.startswith(prefix)
         page.close()
 
 
@@ -116,6 +141,8 @@ def test_page_asks_for_the_api_key_when_the_server_needs_one(
         n_best = int(page.input_value("#n-best"))
         page.click("#translate")
         page.wait_for_selector("#status:has-text('Done')", timeout=30_000)
-        expected = translator.translate(["Una casa."], beam_size=beam, n_best=n_best)[0].text
+        expected = translator.translate(
+            ["Una casa."], translator.with_options(beam_size=beam, n_best=n_best)
+        )[0].text
         assert page.inner_text(".result .translation-text") == expected
         page.close()

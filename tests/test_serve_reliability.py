@@ -20,7 +20,7 @@ from test_serve_batching import TEXTS, Recording, post_all
 from nmt.search import SearchCancelledError
 from nmt.translate import TranslationResult, Translator
 from serve.app import create_app
-from serve.batcher import Batcher, DecodeOptions, TranslationFailedError
+from serve.batcher import Batcher, TranslationFailedError
 from serve.metrics import Metrics
 from serve.runner import serve_in_thread
 from serve.settings import Settings, settings_from
@@ -52,12 +52,13 @@ class Faulty:
                 return inner.tokenizer.encode_src(texts)
 
         self.tokenizer = Tokenizer()
+        self.options = inner.options
 
-    def translate(self, texts: list[str], **options: Any) -> list[TranslationResult]:
+    def translate(self, texts: list[str], *args: Any, **kw: Any) -> list[TranslationResult]:
         self.calls += 1
         if self.where == "translate" and any(self.poison in t for t in texts):
             raise self.error
-        results = self.inner.translate(texts, **options)
+        results = self.inner.translate(texts, *args, **kw)
         if self.spoil:
             for r in results:
                 r.score = math.inf
@@ -67,8 +68,8 @@ class Faulty:
                     r.attention[-1][-1] = -math.inf
         return results
 
-    def translate_stream(self, text: str, **options: Any) -> Iterator[str]:
-        return self.inner.translate_stream(text, **options)
+    def translate_stream(self, text: str, *args: Any, **kw: Any) -> TranslationResult:
+        return self.inner.translate_stream(text, *args, **kw)
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
@@ -108,7 +109,7 @@ def test_a_tokenizer_failure_while_collecting_fails_that_job_and_the_worker_goes
     assert batcher.wait_ready(30)
 
     async def scenario() -> tuple[Any, Any]:
-        options = DecodeOptions(beam_size=1)
+        options = translator.with_options(beam_size=1)
         bad = asyncio.create_task(batcher.translate(["POISON"], options, 30))
         good = asyncio.create_task(batcher.translate(["Pan."], options, 30))
         return tuple(await asyncio.gather(bad, good, return_exceptions=True))  # type: ignore[return-value]
@@ -116,7 +117,10 @@ def test_a_tokenizer_failure_while_collecting_fails_that_job_and_the_worker_goes
     try:
         bad, good = asyncio.run(scenario())
         assert isinstance(bad, TranslationFailedError)
-        assert good[0].text == translator.translate(["Pan."], beam_size=1)[0].text
+        assert (
+            good[0].text
+            == translator.translate(["Pan."], translator.with_options(beam_size=1))[0].text
+        )
         assert batcher.ready and batcher.restarts == 0
     finally:
         batcher.stop()
@@ -157,7 +161,7 @@ def test_a_dead_worker_thread_is_replaced(translator: Translator) -> None:
     assert batcher.wait_ready(10) and batcher.restarts == 1
 
     async def one() -> Any:
-        return await batcher.translate(["Pan."], DecodeOptions(beam_size=1), 30)
+        return await batcher.translate(["Pan."], translator.with_options(beam_size=1), 30)
 
     try:
         assert asyncio.run(one())[0].text
@@ -224,11 +228,12 @@ class Stepping:
 
     def __init__(self, inner: Translator, steps: int = 500, step_s: float = 0.01) -> None:
         self.inner, self.cfg, self.tokenizer = inner, inner.cfg, inner.tokenizer
+        self.options = inner.options
         self.steps, self.step_s = steps, step_s
         self.ran: list[int] = []  # steps each call ran
 
-    def translate(self, texts: list[str], **options: Any) -> list[TranslationResult]:
-        should_stop = options.get("should_stop")
+    def translate(self, texts: list[str], *args: Any, **kw: Any) -> list[TranslationResult]:
+        should_stop = kw.get("should_stop")
         for t in range(self.steps):
             if should_stop is not None and should_stop():
                 self.ran.append(t)
@@ -237,8 +242,9 @@ class Stepping:
         self.ran.append(self.steps)
         return [TranslationResult(text=t.upper(), score=0.0) for t in texts]
 
-    def translate_stream(self, text: str, **options: Any) -> Iterator[str]:
-        yield text.upper()
+    def translate_stream(self, text: str, *args: Any, **kw: Any) -> TranslationResult:
+        kw["on_text"](text.upper())
+        return TranslationResult(text=text.upper(), score=0.0)
 
     def info(self) -> dict[str, Any]:
         return self.inner.info()
@@ -383,7 +389,7 @@ def test_shutdown_does_not_block_the_event_loop(translator: Translator) -> None:
     async def scenario() -> float:
         async with app.router.lifespan_context(app):
             assert await asyncio.to_thread(app.state.batcher.wait_ready, 30)
-            job = app.state.batcher.submit(["x"], DecodeOptions(beam_size=1), 60)
+            job = app.state.batcher.submit(["x"], translator.with_options(beam_size=1), 60)
             await asyncio.sleep(0.1)  # the worker is in the middle of the search
             ticks = 0
 

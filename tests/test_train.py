@@ -51,7 +51,7 @@ def test_tiny_run_learns_and_writes_a_loadable_model(toy_translation_dir: Path, 
     meta = json.loads((run / "model" / "meta.json").read_text())
     assert 0.0 <= meta["scores"]["test_bleu"] <= 100.0
     translator = Translator.load(run / "model")
-    out = translator.translate(["a b c"], beam_size=2)
+    out = translator.translate(["a b c"], translator.with_options(beam_size=2))
     assert len(out) == 1 and isinstance(out[0].text, str)
 
 

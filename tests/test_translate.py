@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from search_helpers import call
 
 from nmt.cli import main
 from nmt.search import beam_search, greedy_search
@@ -42,12 +43,16 @@ def test_every_command_has_help(capsys):
 def test_trained_model_beam_of_one_equals_greedy_and_wide_beam_scores_higher(
     translator: Translator, sentences: list[str]
 ):
-    src, lengths, mask, _ = translator._encode(sentences)
+    src, lengths, mask, *_ = translator._batch(translator.tokenizer.encode_src(sentences))
     kw = {"bos_id": translator.tokenizer.bos_id, "eos_id": translator.tokenizer.eos_id,
           "max_len_a": 1.5, "max_len_b": 5}  # fmt: skip
-    greedy = greedy_search(translator.model, src, lengths, mask, **kw)
-    beam1 = beam_search(translator.model, src, lengths, mask, beam_size=1, length_penalty=0.0, **kw)
-    wide = beam_search(translator.model, src, lengths, mask, beam_size=16, length_penalty=0.0, **kw)
+    greedy = call(greedy_search, translator.model, src, lengths, mask, **kw)
+    beam1 = call(
+        beam_search, translator.model, src, lengths, mask, beam_size=1, length_penalty=0.0, **kw
+    )
+    wide = call(
+        beam_search, translator.model, src, lengths, mask, beam_size=16, length_penalty=0.0, **kw
+    )
     for g, b1, w in zip(greedy, beam1, wide):
         assert b1[0].tokens == g.tokens
         assert b1[0].log_prob == pytest.approx(g.log_prob, abs=1e-4)
@@ -57,22 +62,26 @@ def test_trained_model_beam_of_one_equals_greedy_and_wide_beam_scores_higher(
 def test_sentence_alone_or_in_a_batch_translates_the_same(
     translator: Translator, sentences: list[str]
 ):
-    together = [r.text for r in translator.translate(sentences, beam_size=4)]
-    alone = [translator.translate([s], beam_size=4)[0].text for s in sentences]
+    together = [
+        r.text for r in translator.translate(sentences, translator.with_options(beam_size=4))
+    ]
+    alone = [
+        translator.translate([s], translator.with_options(beam_size=4))[0].text for s in sentences
+    ]
     assert together == alone
 
 
 def test_n_best_lists_are_sorted_distinct_and_start_with_the_best(
     translator: Translator, sentences: list[str]
 ):
-    for result in translator.translate(sentences, beam_size=5, n_best=4):
+    for result in translator.translate(sentences, translator.with_options(beam_size=5, n_best=4)):
         scores = [s for _, s in result.n_best]
         texts = [t for t, _ in result.n_best]
         assert scores == sorted(scores, reverse=True)
         assert len(set(texts)) == len(texts)
         assert result.n_best[0] == (result.text, result.score)
     with pytest.raises(ValueError, match="n_best"):
-        translator.translate(sentences[:1], beam_size=2, n_best=3)
+        translator.translate(sentences[:1], translator.with_options(beam_size=2, n_best=3))
 
 
 def test_translate_command_keeps_input_order_across_chunks(
@@ -84,7 +93,9 @@ def test_translate_command_keeps_input_order_across_chunks(
     code = main(["translate", "--model", str(translator_dir(translator)), "--input", str(src),
                  "--output", str(out), "--beam-size", "3", "--chunk-lines", "5"])  # fmt: skip
     assert code == 0
-    expected = [r.text for r in translator.translate(sentences, beam_size=3)]
+    expected = [
+        r.text for r in translator.translate(sentences, translator.with_options(beam_size=3))
+    ]
     assert out.read_text(encoding="utf-8").splitlines() == expected
 
 
@@ -192,7 +203,7 @@ def test_translate_input_lines_end_at_newline_only(
     else:
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
     assert main(argv) == 0
-    expected = [r.text for r in translator.translate(lines, beam_size=3)]
+    expected = [r.text for r in translator.translate(lines, translator.with_options(beam_size=3))]
     assert out.read_text(encoding="utf-8").split("\n") == [*expected, ""]
 
 
@@ -227,8 +238,10 @@ def test_info_counts_add_up(capsys):
 
 
 def test_bf16_and_int8_translators_run(tiny_model_dir: Path, sentences: list[str]):
-    fp32 = Translator.load(tiny_model_dir).translate(sentences[:4], beam_size=2)
+    fp32_translator = Translator.load(tiny_model_dir)
+    fp32 = fp32_translator.translate(sentences[:4], fp32_translator.with_options(beam_size=2))
     for kwargs in ({"precision": "bf16"}, {"quantize": True}):
-        out = Translator.load(tiny_model_dir, **kwargs).translate(sentences[:4], beam_size=2)
+        other = Translator.load(tiny_model_dir, **kwargs)
+        out = other.translate(sentences[:4], other.with_options(beam_size=2))
         assert len(out) == len(fp32) and all(isinstance(r.text, str) for r in out)
     assert torch.get_num_threads() >= 1

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from nmt.model.cells import SequenceNoise
+
 
 class EncoderMemory(NamedTuple):
     """What the decoder reads from the encoder; built once per batch by `Seq2Seq.encode`."""
@@ -14,12 +16,14 @@ class EncoderMemory(NamedTuple):
     enc_out: Tensor  # (B, S, He) the attention values
     src_mask: Tensor  # (B, S) bool, True on real tokens
     keys: Tensor | None  # (B, S, Ha) keys projected once per batch; None for the dot score
+    noise: SequenceNoise | None = None  # the decoder's dropout masks (training only)
 
     def index_select(self, idx: Tensor) -> EncoderMemory:
         """Rows `idx` of the batch (search drops finished sentences with this). idx: (B',) long."""
         keys = None if self.keys is None else self.keys.index_select(0, idx)
+        noise = None if self.noise is None else self.noise.index_select(idx)
         return EncoderMemory(
-            self.enc_out.index_select(0, idx), self.src_mask.index_select(0, idx), keys
+            self.enc_out.index_select(0, idx), self.src_mask.index_select(0, idx), keys, noise
         )
 
 

@@ -30,16 +30,23 @@ from torch import Tensor, nn
 
 from nmt.model import input_feeding
 from nmt.model.attention import Attention, EncoderMemory
+from nmt.model.cells import RecurrentLayer, RecurrentNoise, SequenceNoise
 from nmt.model.encoder import LayerDropout, make_rnn
+
+# per decoder layer, the recurrent masks of a custom cell, drawn once per batch
+LayerNoise = list[RecurrentNoise | None] | None
+
+
+def _layer_noise(memory: EncoderMemory) -> LayerNoise:
+    return None if memory.noise is None else memory.noise.recurrent
 
 
 class DecoderState(NamedTuple):
     """The decoder's recurrent state, passed in and out of every step."""
 
     hidden: Tensor  # (L, B, H)
-    cell: Tensor  # (L, B, H) for LSTM; (L, B, 0) for GRU
+    cell: Tensor  # (L, B, H) for LSTM (fp32 for the custom cells); (L, B, 0) for GRU
     attn_vector: Tensor  # (B, H) previous attentional vector with input feeding, else (B, 0)
-    coverage: Tensor  # (B, S) fp32, attention weights summed over the steps so far
 
     def index_select(self, idx: Tensor) -> DecoderState:
         """Rows `idx` of the batch (beam reordering). idx: (B',) long."""
@@ -47,7 +54,6 @@ class DecoderState(NamedTuple):
             self.hidden.index_select(1, idx),
             self.cell.index_select(1, idx),
             self.attn_vector.index_select(0, idx),
-            self.coverage.index_select(0, idx),
         )
 
 
@@ -101,11 +107,13 @@ class Bridge(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Stacked per-layer LSTM/GRU with attention; subclasses arrange where attention sits.
+    """Stacked per-layer recurrent layers with attention; subclasses arrange where attention sits.
 
-    Dropout (never on recurrent connections) is applied to the input of every layer above the
-    bottom and to the output vectors; layers at index `residual_from` and above add their
-    input to their output.
+    Dropout is applied to the input of every layer above the bottom and to the output vectors;
+    custom cells may also drop out h_{t-1} and W_hh (see `nmt.model.cells`). The masks that
+    are shared across time are drawn once per batch (`sample_noise`) and travel in
+    `EncoderMemory.noise`, so a loop of `step` calls uses one mask per sequence, as teacher
+    forcing does. Layers at index `residual_from` and above add their input to their output.
     """
 
     loops_over_steps = False  # whether teacher forcing has to run `_block` one step at a time
@@ -125,14 +133,21 @@ class Decoder(nn.Module):
         dropout: float,
         variational: bool,
         bridge: str,
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self.is_lstm = cell == "lstm"
+        self.is_lstm = cell != "gru"  # whether the state has a cell (every LSTM variant)
         self.num_layers = len(layer_inputs)
         self.hidden_dim = hidden_dim
         self.output_dim = hidden_dim
         self.residual_from = residual_from
-        self.layers = nn.ModuleList([make_rnn(cell, width, hidden_dim) for width in layer_inputs])
+        self.layers = nn.ModuleList(
+            [
+                make_rnn(cell, width, hidden_dim, dropout_recurrent, weight_drop)
+                for width in layer_inputs
+            ]
+        )
         self.attention = attention
         self.bridge = Bridge(bridge, enc_dim, self.num_layers, hidden_dim, 2 if self.is_lstm else 1)
         self.dropout = LayerDropout(dropout, variational)
@@ -140,14 +155,34 @@ class Decoder(nn.Module):
 
     # -- state ------------------------------------------------------------------------------
 
-    def init_state(self, final: Tensor, src_len: int) -> DecoderState:
+    def init_state(self, final: Tensor) -> DecoderState:
         """The state before the first target token. final: (B, He) from the encoder."""
         hidden, cell = self.bridge(final)
         batch = final.size(0)
         feed_dim = self.output_dim if self.feeds_attn_vector else 0
         attn_vector = hidden.new_zeros(batch, feed_dim)
-        coverage = torch.zeros(batch, src_len, device=final.device)
-        return DecoderState(hidden, cell, attn_vector, coverage)
+        return DecoderState(hidden, cell, attn_vector)
+
+    def sample_noise(self, batch: int, like: Tensor) -> SequenceNoise | None:
+        """The masks a batch keeps for all its steps: variational input and output dropout
+        (B, 1, H) and the custom cells' recurrent masks. None in eval mode or when there are
+        none. like: a tensor on the target device in the compute dtype."""
+        inputs = self._masks(batch, like) if self.dropout.variational else []
+        recurrent = [
+            layer.sample_noise(batch, like) if isinstance(layer, RecurrentLayer) else None
+            for layer in self.layers
+        ]
+        if all(m is None for m in inputs) and all(n is None for n in recurrent):
+            return None
+        return SequenceNoise(inputs or [None] * self.num_layers, recurrent)
+
+    def _sequence_masks(self, memory: EncoderMemory, batch: int, like: Tensor, steps: int = 0
+                        ) -> list[Tensor | None]:  # fmt: skip
+        """The dropout masks of a teacher-forced batch or a step: the batch's variational
+        ones from `memory` where drawn, else as `_masks` draws them."""
+        if memory.noise is not None and self.dropout.variational:
+            return [None if m is None else m.to(like.dtype) for m in memory.noise.inputs]
+        return self._masks(batch, like, steps)
 
     def _cell_kernel(self, inp: Tensor) -> bool:
         """Whether a single step runs faster as a cell than as a length-1 sequence.
@@ -223,6 +258,7 @@ class Decoder(nn.Module):
         state: DecoderState,
         masks: list[Tensor | None],
         fast: FastStep | None,
+        noise: LayerNoise = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """All layers, the bottom one over [emb; rest], each one above over the (dropped-out)
         output below it, residual from `residual_from`. Returns the top output (B, T, H) and
@@ -231,9 +267,9 @@ class Decoder(nn.Module):
         hs, cs = [], []
         for i in range(self.num_layers):
             if i == 0:
-                out, h, c = self._run_bottom(emb, rest, state, fast)
+                out, h, c = self._run_bottom(emb, rest, state, fast, noise)
             else:
-                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast)
+                out, h, c = self._run_layer(i, self.dropout(x, masks[i]), state, fast, noise)
             hs.append(h)
             cs.append(c)
             x = out + x if i >= self.residual_from else out
@@ -245,12 +281,13 @@ class Decoder(nn.Module):
         rest: Tensor | None,
         state: DecoderState,
         fast: FastStep | None,
+        noise: LayerNoise = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The bottom layer over [emb; rest] (B, T, E + In'); on the fast path (a step) emb's
         share comes from the table rows fast[1] (B, 4H) and emb itself is not read."""
         if fast is None:
             inp = emb if rest is None else torch.cat([emb, rest.to(emb.dtype)], dim=-1)
-            return self._run_layer(0, inp, state)
+            return self._run_layer(0, inp, state, None, noise)
         weights, rows = fast
         return self._fused_layer(0, rest, state, weights.weights[0], rows)
 
@@ -260,13 +297,19 @@ class Decoder(nn.Module):
         inp: Tensor,
         state: DecoderState,
         fast: FastStep | None = None,
+        noise: LayerNoise = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer i over inp (B, T, In) from its slice of state -> out (B, T, H), h, c (1, B, H)."""
+        """Layer i over inp (B, T, In) from its slice of state -> out (B, T, H), h, c (1, B, H).
+        noise: the batch's recurrent masks per layer (custom cells), or None."""
         if fast is not None and i > 0:
             base = fast[0].biases[i]
             assert base is not None
             return self._fused_layer(i, inp, state, fast[0].weights[i], base)
         layer = self.layers[i]
+        if isinstance(layer, RecurrentLayer):
+            layer_noise = None if noise is None else noise[i]
+            out, (h, c) = layer(inp, (state.hidden[i : i + 1], state.cell[i : i + 1]), layer_noise)
+            return out, h, c
         # the cell kernels need the float weights (not, for example, a quantised module's)
         if inp.size(1) == 1 and isinstance(layer, nn.RNNBase) and self._cell_kernel(inp):
             weights = layer.all_weights[0]  # w_ih, w_hh, b_ih, b_hh of the one layer
@@ -329,16 +372,16 @@ class Decoder(nn.Module):
         """
         emb = self._autocast_input(emb)
         if not self.loops_over_steps:
-            masks = self._masks(emb.size(0), emb)
+            masks = self._sequence_masks(memory, emb.size(0), emb)
             out, _, _, attn = self._block(emb, state, memory, masks)
             return self.dropout(out, masks[0]), attn
-        masks = self._masks(emb.size(0), emb, emb.size(1))
+        masks = self._sequence_masks(memory, emb.size(0), emb, emb.size(1))
         outs, attns = [], []
         for t in range(emb.size(1)):
             step_masks = [m if m is None or m.size(1) == 1 else m[:, t : t + 1] for m in masks]
             out, hidden, cell, attn = self._block(emb[:, t : t + 1], state, memory, step_masks)
             feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
-            state = DecoderState(hidden, cell, feed, state.coverage)
+            state = DecoderState(hidden, cell, feed)
             outs.append(out)
             attns.append(attn)
         return self.dropout(torch.cat(outs, dim=1), masks[0]), torch.cat(attns, dim=1)
@@ -356,11 +399,11 @@ class Decoder(nn.Module):
         Returns the output vector (B, H), the new state and attention weights (B, S).
         """
         emb = self._autocast_input(emb)
-        masks = self._masks(emb.size(0), emb)
+        masks = self._sequence_masks(memory, emb.size(0), emb)
         out, hidden, cell, attn = self._block(emb.unsqueeze(1), state, memory, masks, fast)
         attn = attn.squeeze(1)
         feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
-        new_state = DecoderState(hidden, cell, feed, state.coverage + attn)
+        new_state = DecoderState(hidden, cell, feed)
         return self.dropout(out, masks[0]).squeeze(1), new_state, attn
 
 
@@ -379,6 +422,8 @@ class LuongDecoder(Decoder):
         dropout: float = 0.0,
         variational: bool = False,
         bridge: str = "dense",
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
         input_feeding: bool = False,
     ) -> None:
         bottom = embed_dim + (hidden_dim if input_feeding else 0)
@@ -392,6 +437,8 @@ class LuongDecoder(Decoder):
             dropout,
             variational,
             bridge,
+            dropout_recurrent,
+            weight_drop,
         )
         self.input_feeding = input_feeding
         self.loops_over_steps = input_feeding
@@ -420,7 +467,7 @@ class LuongDecoder(Decoder):
             return super().forward(emb, state, memory)
         assert keys is not None
         emb = self._autocast_input(emb)
-        masks = self._masks(emb.size(0), emb, emb.size(1))
+        masks = self._sequence_masks(memory, emb.size(0), emb, emb.size(1))
         out, attn = input_feeding.input_feeding_forward(
             emb,
             state.hidden,
@@ -445,7 +492,7 @@ class LuongDecoder(Decoder):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         # sec. 3.3, input feeding: the bottom layer reads [y_{t-1}; h~_{t-1}]
         rest = state.attn_vector.unsqueeze(1) if self.input_feeding else None
-        x, hidden, cell = self._stack(emb, rest, state, masks, fast)
+        x, hidden, cell = self._stack(emb, rest, state, masks, fast, _layer_noise(memory))
         context, attn = self.attention(x, memory)  # eq. 7 and 8: a_t from h_t
         # eq. 5: h~_t = tanh(W_c [c_t; h_t])
         h_tilde = torch.tanh(self.combine(torch.cat([context.to(x.dtype), x], dim=-1)))
@@ -471,6 +518,8 @@ class BahdanauDecoder(Decoder):
         dropout: float = 0.0,
         variational: bool = False,
         bridge: str = "dense",
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__(
             cell,
@@ -482,6 +531,8 @@ class BahdanauDecoder(Decoder):
             dropout,
             variational,
             bridge,
+            dropout_recurrent,
+            weight_drop,
         )
         self.combine = nn.Linear(hidden_dim + enc_dim, hidden_dim, bias=False)  # W_o
 
@@ -497,7 +548,7 @@ class BahdanauDecoder(Decoder):
         query = state.hidden[-1].unsqueeze(1)  # (B, 1, H), s_{i-1}
         context, attn = self.attention(query, memory)  # eq. 5-6: alpha_ij from a(s_{i-1}, h_j)
         context = context.to(emb.dtype)
-        x, hidden, cell = self._stack(emb, context, state, masks, fast)
+        x, hidden, cell = self._stack(emb, context, state, masks, fast, _layer_noise(memory))
         out = torch.tanh(self.combine(torch.cat([x, context.to(x.dtype)], dim=-1)))
         return out, hidden, cell, attn
 
@@ -518,6 +569,8 @@ class GNMTDecoder(Decoder):
         dropout: float = 0.0,
         variational: bool = False,
         bridge: str = "dense",
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__(
             cell,
@@ -529,6 +582,8 @@ class GNMTDecoder(Decoder):
             dropout,
             variational,
             bridge,
+            dropout_recurrent,
+            weight_drop,
         )
 
     def _block(
@@ -539,14 +594,15 @@ class GNMTDecoder(Decoder):
         masks: list[Tensor | None],
         fast: FastStep | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        out, h, c = self._run_bottom(emb, None, state, fast)
+        noise = _layer_noise(memory)
+        out, h, c = self._run_bottom(emb, None, state, fast, noise)
         hs, cs = [h], [c]
         x = out + emb if self.residual_from == 0 else out
         context, attn = self.attention(x, memory)  # eq. 4-6, all T steps at once
         context = context.to(x.dtype)
         for i in range(1, self.num_layers):
             inp = torch.cat([self.dropout(x, masks[i]), context], dim=-1)
-            out, h, c = self._run_layer(i, inp, state, fast)
+            out, h, c = self._run_layer(i, inp, state, fast, noise)
             hs.append(h)
             cs.append(c)
             x = out + x if i >= self.residual_from else out

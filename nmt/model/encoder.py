@@ -1,4 +1,4 @@
-"""Recurrent encoder: per-layer LSTM/GRU stacks (GNMT or all-bidirectional), residuals, dropout.
+"""Recurrent encoder: per-layer recurrent stacks (GNMT or all-bidirectional), residuals, dropout.
 
 Also the recurrent building blocks the decoder shares: `make_rnn`, `LayerDropout`.
 
@@ -17,13 +17,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt.model.cells import CELLS, CUSTOM_CELLS, RecurrentLayer
+
 RNN_CELLS: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
 
-def make_rnn(cell: str, input_dim: int, hidden_dim: int) -> nn.LSTM | nn.GRU:
-    """One unidirectional, batch-first recurrent layer; LSTM forget-gate bias starts at 1."""
+def make_rnn(
+    cell: str,
+    input_dim: int,
+    hidden_dim: int,
+    dropout_recurrent: float = 0.0,
+    weight_drop: float = 0.0,
+) -> nn.LSTM | nn.GRU | RecurrentLayer:
+    """One unidirectional, batch-first recurrent layer; every LSTM's forget-gate bias starts
+    at 1. `lstm` and `gru` are the fused nn.LSTM / nn.GRU, which take no recurrent
+    regularisation; the other cells are `RecurrentLayer`s."""
+    if cell in CUSTOM_CELLS:
+        return RecurrentLayer(cell, input_dim, hidden_dim, dropout_recurrent, weight_drop)
     if cell not in RNN_CELLS:
-        raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(RNN_CELLS)}")
+        raise ValueError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}")
+    if dropout_recurrent or weight_drop:
+        raise ValueError(
+            f"cell {cell!r} runs on the fused nn.{cell.upper()}, which cannot apply "
+            f"dropout_recurrent or weight_drop; choose one of {', '.join(CUSTOM_CELLS)}"
+        )
     rnn = RNN_CELLS[cell](input_dim, hidden_dim, batch_first=True)
     if isinstance(rnn, nn.LSTM):
         with torch.no_grad():
@@ -86,10 +103,17 @@ class BiRNN(nn.Module):
     """A bidirectional layer as two unidirectional kernels; the backward one reads each
     sentence reversed within its length, so padding never reaches a real token."""
 
-    def __init__(self, cell: str, input_dim: int, hidden_dim: int) -> None:
+    def __init__(
+        self,
+        cell: str,
+        input_dim: int,
+        hidden_dim: int,
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
+    ) -> None:
         super().__init__()
-        self.fwd = make_rnn(cell, input_dim, hidden_dim)
-        self.bwd = make_rnn(cell, input_dim, hidden_dim)
+        self.fwd = make_rnn(cell, input_dim, hidden_dim, dropout_recurrent, weight_drop)
+        self.bwd = make_rnn(cell, input_dim, hidden_dim, dropout_recurrent, weight_drop)
 
     def forward(self, x: Tensor, rev_index: Tensor | None) -> Tensor:
         """x: (B, S, D); rev_index: (B, S, 1) from `reverse_index`, or None for flip (no padding).
@@ -110,7 +134,8 @@ class Encoder(nn.Module):
     Layouts: `gnmt` (Wu et al., 2016): only the bottom layer is bidirectional, the layers above
     are unidirectional; `bi`: every layer is bidirectional. Layers at index `residual_from` and
     above add their input to their output; dropout is applied to the input of every layer above
-    the bottom (the embedding dropout is the caller's), never on the recurrent connections.
+    the bottom (the embedding dropout is the caller's). Custom cells may also drop out h_{t-1}
+    (`dropout_recurrent`, one mask per sequence) and W_hh (`weight_drop`, once per batch).
     """
 
     def __init__(
@@ -123,6 +148,8 @@ class Encoder(nn.Module):
         residual_from: int = 2,
         dropout: float = 0.0,
         variational: bool = False,
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if layout not in ("gnmt", "bi"):
@@ -130,12 +157,13 @@ class Encoder(nn.Module):
         self.residual_from = residual_from
         self.layers = nn.ModuleList()
         width = embed_dim
+        regularise = (dropout_recurrent, weight_drop)
         for i in range(num_layers):
             if layout == "bi" or i == 0:
-                self.layers.append(BiRNN(cell, width, hidden_dim))
+                self.layers.append(BiRNN(cell, width, hidden_dim, *regularise))
                 out_width = 2 * hidden_dim
             else:
-                self.layers.append(make_rnn(cell, width, hidden_dim))
+                self.layers.append(make_rnn(cell, width, hidden_dim, *regularise))
                 out_width = hidden_dim
             if i >= residual_from and out_width != width:
                 raise ValueError(

@@ -171,8 +171,10 @@ class Seq2Seq(nn.Module):
         emb = self.embed_dropout(self.src_embed(src))  # (B, S, E)
         enc_out, final = self.encoder(emb, src_lengths)  # (B, S, He), (B, He)
         keys = self.decoder.attention.project_keys(enc_out)
-        memory = EncoderMemory(enc_out, src_mask, keys)
-        return memory, self.decoder.init_state(final, src.size(1))
+        # training: the decoder's per-sequence dropout masks, drawn once for all its steps
+        noise = self.decoder.sample_noise(src.size(0), emb)
+        memory = EncoderMemory(enc_out, src_mask, keys, noise)
+        return memory, self.decoder.init_state(final)
 
     def _teacher_forced(
         self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
@@ -251,6 +253,8 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
         residual_from=enc.residual_from,
         dropout=enc.dropout,
         variational=enc.variational,
+        dropout_recurrent=enc.dropout_recurrent,
+        weight_drop=enc.weight_drop,
     )
     enc_dim = encoder_output_dim(cfg)
     assert enc_dim == encoder.output_dim
@@ -267,6 +271,8 @@ def build_model(cfg: ModelConfig, src_vocab_size: int, tgt_vocab_size: int, pad_
         dropout=dec.dropout,
         variational=dec.variational,
         bridge=dec.bridge,
+        dropout_recurrent=dec.dropout_recurrent,
+        weight_drop=dec.weight_drop,
         **extra,
     )
     return Seq2Seq(

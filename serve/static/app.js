@@ -73,7 +73,16 @@ function sourceLines() {
 function options() {
   const beam = Math.max(1, parseInt($("beam-size").value, 10) || 1);
   const nBest = Math.min(beam, Math.max(1, parseInt($("n-best").value, 10) || 1));
-  return { beam_size: beam, n_best: nBest, return_alignments: $("alignments").checked };
+  const opts = { beam_size: beam, n_best: nBest, return_alignments: $("alignments").checked };
+  const prefix = $("prefix").value;
+  if (prefix.trim().length > 0) opts.target_prefix = prefix;
+  return opts;
+}
+
+// one prefix per line: the "starts with" box applies to every line
+function withPrefixes(opts, lines) {
+  if (opts.target_prefix === undefined) return opts;
+  return { ...opts, target_prefix: lines.map(() => opts.target_prefix) };
 }
 
 function makeCard(source) {
@@ -170,7 +179,7 @@ async function translatePlain(lines, cards) {
   const r = await fetch("/v1/translate", {
     method: "POST",
     headers: headers(),
-    body: JSON.stringify({ text: lines, ...options() }),
+    body: JSON.stringify({ text: lines, ...withPrefixes(options(), lines) }),
   });
   if (!r.ok) throw new Error(await errorMessage(r));
   const body = await r.json();
@@ -188,7 +197,7 @@ async function translateStream(lines, cards) {
   const r = await fetch("/v1/translate/stream", {
     method: "POST",
     headers: { ...headers(), Accept: "text/event-stream" },
-    body: JSON.stringify({ text: lines, ...opts }),
+    body: JSON.stringify({ text: lines, ...withPrefixes(opts, lines) }),
   });
   if (!r.ok) throw new Error(await errorMessage(r));
   const reader = r.body.getReader();

@@ -1,0 +1,473 @@
+"""Our recurrence layer: LSTM variants no fused kernel offers, at close to fused-kernel speed.
+
+Cells (`model.cell`): `lstm` and `gru` run on nn.LSTM / nn.GRU (oneDNN, cuDNN); `lstm_ln`
+(layer normalisation, Ba et al. 2016, sec. 6), `lstm_peephole` (Gers & Schmidhuber, 2000) and
+`lstm_cifg` (coupled input-forget gate, i = 1 - f) run on `RecurrentLayer`, which is called like
+a one-layer, batch-first nn.LSTM: `out, (h, c) = layer(x, (h0, c0))`.
+
+Where the speed comes from:
+- The input-to-hidden product of every time step is one large product before the loop (bf16
+  under autocast), with both biases folded in; the loop keeps h_{t-1} @ W_hh^T and the gate math.
+- The whole loop is one autograd.Function (`_Recurrence`) with a hand-written backward: no
+  autograd graph per step, the gate math in fp32 on few kernels, W_hh's gradient one product
+  dW = sum_t dA_t^T h_{t-1} over all steps, and the per-variant weights' gradients (peepholes,
+  layer-norm gains) one reduction over all steps, as the fused kernels do.
+- The pointwise step functions are plain tensor code; `compile_pointwise(True)` swaps in
+  torch.compile'd versions (one generated kernel per step and direction). benchmarks/cells_speed.py
+  measures both; eager is the default (see BENCHMARKS.md for why).
+
+Regularisation (training only): `dropout_recurrent` multiplies h_{t-1} in the recurrent product
+by one mask per sequence (Gal & Ghahramani, 2016); `weight_drop` drops entries of W_hh once per
+batch (DropConnect, as in AWD-LSTM). A caller running a sequence step by step draws both once
+with `sample_noise` and passes them to every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FUSED_CELLS = ("lstm", "gru")  # nn.LSTM / nn.GRU
+CUSTOM_CELLS = ("lstm_ln", "lstm_peephole", "lstm_cifg")  # RecurrentLayer
+CELLS = FUSED_CELLS + CUSTOM_CELLS
+GATES = {"lstm": 4, "lstm_ln": 4, "lstm_peephole": 4, "lstm_cifg": 3}
+LN_EPS = 1e-5
+
+# -- the gate math of one step, fp32 ----------------------------------------------------------
+# Gate order (i, f, g, o) as in nn.LSTM; (f, g, o) for CIFG. `a` is the pre-activation
+# x_t W_ih^T + b (+ h_{t-1} W_hh^T where not layer-normalised); `hh` = h_{t-1} W_hh^T.
+# A forward returns h, c and what its backward needs; a backward returns dA, dc_{t-1} and,
+# for layer norm, the per-step tensors the parameter gradients are summed from.
+
+
+def _lstm_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
+    width = c_prev.size(1)
+    s = torch.sigmoid(a)
+    g = torch.tanh(a[:, 2 * width : 3 * width])
+    c = torch.addcmul(s[:, width : 2 * width] * c_prev, s[:, :width], g)
+    tc = torch.tanh(c)
+    return s[:, 3 * width :] * tc, c, s, g, tc
+
+
+def _lstm_bwd(
+    dh: Tensor, dc: Tensor, c_prev: Tensor, s: Tensor, g: Tensor, tc: Tensor
+) -> tuple[Tensor, Tensor]:
+    width = c_prev.size(1)
+    i, f, o = s[:, :width], s[:, width : 2 * width], s[:, 3 * width :]
+    dc = dc + dh * o * (1 - tc * tc)
+    da = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                    dh * tc * o * (1 - o)], dim=1)  # fmt: skip
+    return da, dc * f
+
+
+def _cifg_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
+    # c_t = f * c_{t-1} + (1 - f) * g: the input gate is tied to the forget gate
+    width = c_prev.size(1)
+    s = torch.sigmoid(a)
+    f = s[:, :width]
+    g = torch.tanh(a[:, width : 2 * width])
+    c = torch.lerp(g, c_prev, f)
+    tc = torch.tanh(c)
+    return s[:, 2 * width :] * tc, c, s, g, tc
+
+
+def _cifg_bwd(
+    dh: Tensor, dc: Tensor, c_prev: Tensor, s: Tensor, g: Tensor, tc: Tensor
+) -> tuple[Tensor, Tensor]:
+    width = c_prev.size(1)
+    f, o = s[:, :width], s[:, 2 * width :]
+    dc = dc + dh * o * (1 - tc * tc)
+    da = torch.cat([dc * (c_prev - g) * f * (1 - f), dc * (1 - f) * (1 - g * g),
+                    dh * tc * o * (1 - o)], dim=1)  # fmt: skip
+    return da, dc * f
+
+
+def _peephole_fwd(a: Tensor, c_prev: Tensor, peep: Tensor) -> tuple[Tensor, ...]:
+    # Gers & Schmidhuber (2000): i and f see c_{t-1}, o sees c_t, through diagonal weights
+    width = c_prev.size(1)
+    i = torch.sigmoid(torch.addcmul(a[:, :width], peep[0], c_prev))
+    f = torch.sigmoid(torch.addcmul(a[:, width : 2 * width], peep[1], c_prev))
+    g = torch.tanh(a[:, 2 * width : 3 * width])
+    c = torch.addcmul(f * c_prev, i, g)
+    o = torch.sigmoid(torch.addcmul(a[:, 3 * width :], peep[2], c))
+    tc = torch.tanh(c)
+    return o * tc, c, torch.cat([i, f, g, o], dim=1), tc
+
+
+def _peephole_bwd(
+    dh: Tensor, dc: Tensor, c_prev: Tensor, act: Tensor, tc: Tensor, peep: Tensor
+) -> tuple[Tensor, Tensor]:
+    width = c_prev.size(1)
+    i, f, g, o = act.split(width, dim=1)
+    da_o = dh * tc * o * (1 - o)
+    dc = dc + dh * o * (1 - tc * tc) + da_o * peep[2]
+    da_i = dc * g * i * (1 - i)
+    da_f = dc * c_prev * f * (1 - f)
+    dc_prev = dc * f + da_i * peep[0] + da_f * peep[1]
+    return torch.cat([da_i, da_f, dc * i * (1 - g * g), da_o], dim=1), dc_prev
+
+
+def _norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer norm without gain: x_hat and 1 / std per row."""
+    mean = x.mean(dim=1, keepdim=True)
+    centred = x - mean
+    rstd = torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + LN_EPS)
+    return centred * rstd, rstd
+
+
+def _norm_bwd(dx_hat: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
+    mean_d = dx_hat.mean(dim=1, keepdim=True)
+    mean_dx = (dx_hat * x_hat).mean(dim=1, keepdim=True)
+    return rstd * (dx_hat - mean_d - x_hat * mean_dx)
+
+
+def _ln_fwd(
+    a: Tensor, hh: Tensor, c_prev: Tensor, gain_h: Tensor, gain_c: Tensor, bias_c: Tensor
+) -> tuple[Tensor, ...]:
+    # Ba et al. (2016), sec. 6: gates = LN(W_h h) + LN(W_x x) + b (LN(W_x x) is in `a`),
+    # c_t as in the LSTM, h_t = o * tanh(LN(c_t))
+    width = c_prev.size(1)
+    hh_hat, rstd_h = _norm(hh)
+    s_in = torch.addcmul(a, hh_hat, gain_h)
+    s = torch.sigmoid(s_in)
+    g = torch.tanh(s_in[:, 2 * width : 3 * width])
+    c = torch.addcmul(s[:, width : 2 * width] * c_prev, s[:, :width], g)
+    c_hat, rstd_c = _norm(c)
+    tc = torch.tanh(torch.addcmul(bias_c, c_hat, gain_c))
+    return s[:, 3 * width :] * tc, c, s, g, tc, hh_hat, rstd_h, c_hat, rstd_c
+
+
+def _ln_bwd(
+    dh: Tensor,
+    dc: Tensor,
+    c_prev: Tensor,
+    s: Tensor,
+    g: Tensor,
+    tc: Tensor,
+    hh_hat: Tensor,
+    rstd_h: Tensor,
+    c_hat: Tensor,
+    rstd_c: Tensor,
+    gain_h: Tensor,
+    gain_c: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    width = c_prev.size(1)
+    i, f, o = s[:, :width], s[:, width : 2 * width], s[:, 3 * width :]
+    d_norm_c = dh * o * (1 - tc * tc)  # d LN(c_t)
+    dc = dc + _norm_bwd(d_norm_c * gain_c, c_hat, rstd_c)
+    da = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                    dh * tc * o * (1 - o)], dim=1)  # fmt: skip
+    dhh = _norm_bwd(da * gain_h, hh_hat, rstd_h)
+    return da, dc * f, dhh, d_norm_c
+
+
+class _StepMath(NamedTuple):
+    """A variant's forward and backward step functions (eager or compiled)."""
+
+    fwd: Callable[..., tuple[Tensor, ...]]
+    bwd: Callable[..., tuple[Tensor, ...]]
+
+
+_EAGER = {
+    "lstm": _StepMath(_lstm_fwd, _lstm_bwd),
+    "lstm_cifg": _StepMath(_cifg_fwd, _cifg_bwd),
+    "lstm_peephole": _StepMath(_peephole_fwd, _peephole_bwd),
+    "lstm_ln": _StepMath(_ln_fwd, _ln_bwd),
+}
+_step_math: dict[str, _StepMath] = dict(_EAGER)
+_compiled: dict[str, _StepMath] = {}
+
+
+def compile_pointwise(enabled: bool) -> None:
+    """Runs the gate math through torch.compile (True) or as plain tensor code (False)."""
+    if enabled and not _compiled:
+        for kind, math_ in _EAGER.items():
+            _compiled[kind] = _StepMath(
+                torch.compile(math_.fwd, dynamic=False), torch.compile(math_.bwd, dynamic=False)
+            )
+    _step_math.update(_compiled if enabled else _EAGER)
+
+
+# -- the whole sequence as one autograd node ------------------------------------------------
+
+
+class _Recurrence(torch.autograd.Function):
+    """Runs the loop over pre (T, B, G*H) = x W_ih^T + b from h0, c0 (B, H).
+
+    Args after kind: pre, h0, c0, w_hh (G*H, H) (already weight-dropped), h_mask (B, H) or
+    None (recurrent dropout), then the variant's weights: peep (3, H) for peephole; gain_h
+    (G*H,), gain_c (H,), bias_c (H,) for layer norm. Returns out (T, B, H) in pre's dtype and
+    the last c (B, H) fp32. The matrix products run in pre's dtype, the gate math in fp32.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        kind: str,
+        pre: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        w_hh: Tensor,
+        h_mask: Tensor | None,
+        *extra: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        dtype = pre.dtype
+        steps, batch, _ = pre.shape
+        width = w_hh.size(1)
+        step = _step_math[kind]
+        acc = torch.promote_types(dtype, torch.float32)  # the gate math's dtype
+        extra32 = [e.to(acc) for e in extra]
+        with torch.autocast(pre.device.type, enabled=False):
+            w_t = w_hh.to(dtype).t()  # (H, G*H)
+            mask = None if h_mask is None else h_mask.to(dtype)
+            out = pre.new_empty(steps, batch, width)
+            cs = [c0.to(acc)]
+            h_in = h0.to(dtype)
+            saved = []
+            for t in range(steps):
+                if mask is not None:
+                    h_in = h_in * mask
+                if kind == "lstm_ln":
+                    hh = torch.mm(h_in, w_t).to(acc)
+                    h, c, *rest = step.fwd(pre[t].to(acc), hh, cs[-1], *extra32)
+                else:  # pre_t + h W_hh^T as one product (bf16 under autocast, as nn.LSTM's)
+                    gates = torch.addmm(pre[t], h_in, w_t).to(acc)
+                    h, c, *rest = step.fwd(gates, cs[-1], *extra32)
+                out[t] = h
+                h_in = out[t]
+                cs.append(c)
+                saved.append(rest)
+        ctx.kind = kind
+        ctx.saved = (cs, saved, extra32)  # intermediates only: outputs go through save_for_backward
+        ctx.save_for_backward(w_hh, h_mask, h0, out)
+        ctx.shapes = (dtype, c0.dtype, h0.dtype, [e.dtype for e in extra])
+        return out, cs[-1].clone()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor, grad_c: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        kind = ctx.kind
+        cs, saved, extra32 = ctx.saved
+        w_hh, h_mask, h0, out = ctx.saved_tensors
+        dtype, c_dtype, h_dtype, extra_dtypes = ctx.shapes
+        step = _step_math[kind]
+        steps = len(saved)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            w = w_hh.to(dtype)  # (G*H, H)
+            acc = cs[0].dtype
+            dc = torch.zeros_like(cs[0]) if grad_c is None else grad_c.to(acc)
+            dh_rec = torch.zeros_like(cs[0])
+            # dA_t of every step, written in place in the products' dtype: the gradient of pre
+            # as it is, and the recurrent product's input without a copy
+            d_pre = grad_out.new_empty(steps, grad_out.size(1), w.size(0))
+            d_hh = d_pre if kind != "lstm_ln" else torch.empty_like(d_pre)  # d(h W_hh^T)
+            d_norm_cs = []
+            for t in range(steps - 1, -1, -1):
+                dh = dh_rec + grad_out[t]
+                if kind == "lstm_ln":
+                    da, dc, dhh, d_norm_c = step.bwd(dh, dc, cs[t], *saved[t], *extra32[:2])
+                    d_hh[t] = dhh
+                    d_norm_cs.append(d_norm_c)
+                else:
+                    da, dc = step.bwd(dh, dc, cs[t], *saved[t], *extra32)
+                d_pre[t] = da
+                dh_rec = torch.mm(d_hh[t], w).to(acc)
+                if h_mask is not None:
+                    dh_rec = dh_rec * h_mask
+            # dW_hh = sum_t dHH_t^T h_{t-1}: one product over all steps
+            h_prev = torch.cat([h0.to(dtype).unsqueeze(0), out[:-1]])  # (T, B, H)
+            if h_mask is not None:
+                h_prev = h_prev * h_mask.to(dtype)
+            d_hh_flat = d_hh.reshape(-1, d_hh.size(-1))
+            d_w = torch.mm(d_hh_flat.t(), h_prev.reshape(-1, h_prev.size(-1))).to(w_hh.dtype)
+            d_extra = _extra_grads(kind, d_pre, d_norm_cs[::-1], cs, saved, extra32)
+        d_h0 = dh_rec.to(h_dtype)
+        d_extra = [g.to(d) for g, d in zip(d_extra, extra_dtypes, strict=True)]
+        return (None, d_pre, d_h0, dc.to(c_dtype), d_w, None, *d_extra)
+
+
+def _extra_grads(
+    kind: str,
+    d_pre: Tensor,
+    d_norm_cs: list[Tensor],
+    cs: list[Tensor],
+    saved: list[list[Tensor]],
+    extra32: list[Tensor],
+) -> list[Tensor]:
+    """The variant's own weights' gradients, each one reduction over all steps and rows."""
+    if kind == "lstm_peephole":
+        width = cs[0].size(1)
+        c_prev, c_new = torch.stack(cs[:-1]), torch.stack(cs[1:])  # (T, B, H)
+        d_i = (d_pre[..., :width] * c_prev).sum((0, 1))
+        d_f = (d_pre[..., width : 2 * width] * c_prev).sum((0, 1))
+        d_o = (d_pre[..., 3 * width :] * c_new).sum((0, 1))
+        return [torch.stack([d_i, d_f, d_o])]
+    if kind == "lstm_ln":
+        # saved per step: s, g, tc, hh_hat, rstd_h, c_hat, rstd_c; d_pre is dA = d LN(hh) * gain
+        hh_hat = torch.stack([rest[3] for rest in saved])
+        c_hat = torch.stack([rest[5] for rest in saved])
+        d_norm_c = torch.stack(d_norm_cs)
+        return [(d_pre * hh_hat).sum((0, 1)), (d_norm_c * c_hat).sum((0, 1)), d_norm_c.sum((0, 1))]
+    return []
+
+
+# -- the layer ----------------------------------------------------------------------------------
+
+
+class RecurrentNoise(NamedTuple):
+    """A sequence's regularisation masks, drawn once by `RecurrentLayer.sample_noise`."""
+
+    h_mask: Tensor | None  # (B, H) scaled keep-mask on h_{t-1} in the recurrent product
+    w_mask: Tensor | None  # (G*H, H) scaled keep-mask on W_hh
+
+
+class RecurrentLayer(nn.Module):
+    """One unidirectional, batch-first LSTM-variant layer, called like nn.LSTM.
+
+    Parameter names follow nn.LSTM's (`weight_ih_l0`, ...), with both biases as PyTorch keeps
+    them, so counts compare: lstm 4(H^2 + H*In + H) + 4H, cifg 3(...) + 3H, peephole adds 3H
+    (`peephole`: p_i, p_f, p_o), layer norm adds gains for LN(W_x x) and LN(W_h h) (4H each)
+    and a gain and bias for LN(c) (2H); the gates' layer norms have no bias of their own,
+    the cell's biases are theirs.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        input_dim: int,
+        hidden_dim: int,
+        dropout_recurrent: float = 0.0,
+        weight_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if kind not in GATES:
+            raise ValueError(f"unknown recurrent cell {kind!r}; choose one of {', '.join(GATES)}")
+        for name, p in [("dropout_recurrent", dropout_recurrent), ("weight_drop", weight_drop)]:
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        self.kind = kind
+        self.input_size = input_dim
+        self.hidden_size = hidden_dim
+        self.dropout_recurrent = dropout_recurrent
+        self.weight_drop = weight_drop
+        gates = GATES[kind] * hidden_dim
+        self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_dim))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_dim))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(gates))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(gates))
+        self.peephole = (
+            nn.Parameter(torch.zeros(3, hidden_dim)) if kind == "lstm_peephole" else None
+        )
+        if kind == "lstm_ln":
+            self.ln_ih_weight = nn.Parameter(torch.ones(gates))
+            self.ln_hh_weight = nn.Parameter(torch.ones(gates))
+            self.ln_cell_weight = nn.Parameter(torch.ones(hidden_dim))
+            self.ln_cell_bias = nn.Parameter(torch.zeros(hidden_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's uniform(-1/sqrt(H), 1/sqrt(H)); forget-gate bias 1 (in b_ih, b_hh 0)."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0):
+            nn.init.uniform_(weight, -bound, bound)
+        width = self.hidden_size
+        forget = slice(0, width) if self.kind == "lstm_cifg" else slice(width, 2 * width)
+        with torch.no_grad():
+            self.bias_ih_l0[forget] = 1.0
+            self.bias_hh_l0[forget] = 0.0
+
+    def sample_noise(self, batch: int, like: Tensor) -> RecurrentNoise | None:
+        """Masks for one batch of sequences when training with recurrent dropout or weight
+        drop; None otherwise. like: any tensor on the target device."""
+        if not self.training or (self.dropout_recurrent == 0 and self.weight_drop == 0):
+            return None
+        h_mask = w_mask = None
+        if self.dropout_recurrent > 0:
+            keep = 1 - self.dropout_recurrent
+            shape = (batch, self.hidden_size)
+            h_mask = torch.bernoulli(torch.full(shape, keep, device=like.device)) / keep
+        if self.weight_drop > 0:
+            keep = 1 - self.weight_drop
+            w_keep = torch.full_like(self.weight_hh_l0, keep, device=like.device)
+            w_mask = torch.bernoulli(w_keep.detach()) / keep
+        return RecurrentNoise(h_mask, w_mask)
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """x (B, T, In) -> (T, B, G*H): x_t W_ih^T + b_ih + b_hh for all steps in one product
+        (layer-normalised for lstm_ln, Ba et al. sec. 6)."""
+        x_t = x.transpose(0, 1)  # time-major, so that each step's slice is contiguous
+        if self.kind != "lstm_ln":
+            return F.linear(x_t, self.weight_ih_l0, self.bias_ih_l0 + self.bias_hh_l0)
+        proj = F.linear(x_t, self.weight_ih_l0)
+        acc = torch.promote_types(proj.dtype, torch.float32)  # layer norm in fp32 at least
+        gain = self.ln_ih_weight.to(acc)
+        normed = F.layer_norm(proj.to(acc), proj.shape[-1:], gain, None, LN_EPS)
+        return (normed + (self.bias_ih_l0 + self.bias_hh_l0)).to(proj.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        state: tuple[Tensor, Tensor] | None = None,
+        noise: RecurrentNoise | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x: (B, T, In); state: h0, c0 (1, B, H) or None for zeros; noise: masks from
+        `sample_noise` (a step loop draws them once), or None to draw them here.
+
+        Returns out (B, T, H) (a view of a time-major tensor) and the last h (1, B, H) in
+        out's dtype and c (1, B, H) fp32.
+        """
+        batch = x.size(0)
+        if state is None:
+            zeros = x.new_zeros(1, batch, self.hidden_size, dtype=torch.float32)
+            state = (zeros, zeros)
+        if noise is None:
+            noise = self.sample_noise(batch, x)
+        h_mask, w_mask = noise if noise is not None else (None, None)
+        w_hh = self.weight_hh_l0 if w_mask is None else self.weight_hh_l0 * w_mask
+        pre = self.input_projection(x)
+        out, c = _Recurrence.apply(
+            self.kind, pre, state[0][0], state[1][0], w_hh, h_mask, *self._extra()
+        )
+        return out.transpose(0, 1), (out[-1].unsqueeze(0), c.unsqueeze(0))
+
+    def _extra(self) -> list[Tensor]:
+        if self.kind == "lstm_peephole":
+            assert self.peephole is not None
+            return [self.peephole]
+        if self.kind == "lstm_ln":
+            return [self.ln_hh_weight, self.ln_cell_weight, self.ln_cell_bias]
+        return []
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.kind}, {self.input_size}, {self.hidden_size}, "
+            f"dropout_recurrent={self.dropout_recurrent}, weight_drop={self.weight_drop}"
+        )
+
+
+class SequenceNoise(NamedTuple):
+    """A batch's decoder dropout masks, drawn once per batch in training (`Decoder.sample_noise`)
+    and carried in `EncoderMemory`, so that teacher forcing and a loop of steps alike use one
+    mask per sequence."""
+
+    inputs: list[Tensor | None]  # per layer: (B, 1, H) variational mask of its input; index 0:
+    # of the output vectors; None where dropout is off or not variational
+    recurrent: list[RecurrentNoise | None]  # per layer, for custom cells
+
+    def index_select(self, idx: Tensor) -> SequenceNoise:
+        """Rows `idx` of the batch. idx: (B',) long."""
+        inputs = [None if m is None else m.index_select(0, idx) for m in self.inputs]
+        recurrent = [
+            None if n is None else n._replace(h_mask=_rows(n.h_mask, idx)) for n in self.recurrent
+        ]
+        return SequenceNoise(inputs, recurrent)
+
+
+def _rows(mask: Tensor | None, idx: Tensor) -> Tensor | None:
+    return None if mask is None else mask.index_select(0, idx)
