@@ -39,17 +39,18 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    translator = Translator.load(args.model, precision=args.precision, quantize=args.quantize)
+    models = args.model if len(args.model) > 1 else args.model[0]
+    translator = Translator.load(models, precision=args.precision, quantize=args.quantize)
+    options = translator.with_options(beam_size=args.beam)
     src = args.src.read_text(encoding="utf-8").splitlines()
     refs = args.ref.read_text(encoding="utf-8").splitlines()
     if args.limit:
         src, refs = src[: args.limit], refs[: args.limit]
-    for _ in translate_corpus(translator, src[:64], beam_size=args.beam):
+    for _ in translate_corpus(translator, src[:64], options):
         pass  # warm-up: first-seen shapes build their kernels
     start = time.perf_counter()
     results: list[Any] = [None] * len(src)
-    for i, r in translate_corpus(translator, src, beam_size=args.beam,
-                                 batch_tokens=args.batch_tokens):  # fmt: skip
+    for i, r in translate_corpus(translator, src, options, batch_tokens=args.batch_tokens):
         results[i] = r
     seconds = time.perf_counter() - start
     hyps = [r.text for r in results]
@@ -57,6 +58,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     scores = corpus_scores(hyps, [refs])
     return {
         "search": args.name,
+        "models": len(args.model),
         "beam_size": args.beam,
         "precision": args.precision + ("+int8" if args.quantize else ""),
         "sentences": len(src),
@@ -74,7 +76,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("runs/bible-es-en/model"))
+    p.add_argument("--model", type=Path, nargs="+", default=[Path("runs/bible-es-en/model")],
+                   help="model directory; several: an ensemble")  # fmt: skip
     p.add_argument("--src", type=Path, default=Path("data/bible-es-en/test.es"))
     p.add_argument("--ref", type=Path, default=Path("data/bible-es-en/test.en"))
     p.add_argument("--batch-tokens", type=int, default=None)
@@ -91,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.name:
         print(json.dumps(run_one(args)), flush=True)
         return 0
-    if not (args.model / "model.safetensors").is_file():
-        print(f"no model at {args.model}: train one first (make demo)", file=sys.stderr)
+    missing = [m for m in args.model if not (m / "model.safetensors").is_file()]
+    if missing:
+        print(f"no model at {missing[0]}: train one first (make demo)", file=sys.stderr)
         return 2
     wanted = set(filter(None, args.only.split(",")))
     rows = []
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         label = f"{name}-{precision}{'-int8' if quantize else ''}"
         if wanted and label not in wanted:
             continue
-        cmd = [sys.executable, "-m", "benchmarks.decode", "--model", str(args.model),
+        cmd = [sys.executable, "-m", "benchmarks.decode", "--model", *map(str, args.model),
                "--src", str(args.src), "--ref", str(args.ref), "--name", name,
                "--beam", str(beam), "--precision", precision, "--limit", str(args.limit),
                "--threads", str(args.threads)]  # fmt: skip
