@@ -273,6 +273,27 @@ def test_an_ensemble_of_one_or_two_copies_translates_as_the_model(
     assert out.read_text().split("\n")[:-1] == texts(translator, translator.options)
 
 
+def test_the_service_serves_an_ensemble_written_a_comma_b(
+    tiny_model_dir: Path, tmp_path: Path, translator: Translator
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.settings import settings_from
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    app = create_app(settings_from(model_dir=f"{tiny_model_dir},{copy}", warmup=False))
+    with TestClient(app) as client:
+        assert app.state.batcher.wait_ready(60)
+        r = client.post("/v1/translate", json={"text": SENTENCES, "beam_size": 2})
+        assert [t["text"] for t in r.json()["translations"]] == texts(
+            translator, replace(translator.options, beam_size=2)
+        )
+        info = client.get("/v1/model").json()
+        assert info["parameters"]["total"] == 2 * translator.info()["parameters"]["total"]
+
+
 def test_an_ensemble_of_models_with_different_vocabularies_is_refused(
     tiny_model_dir: Path,
     toy_tokenizer_dir: Path,
