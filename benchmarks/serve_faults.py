@@ -198,7 +198,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env: dict[str, str | None] = {"NMT_API_KEYS": None, "NMT_API_KEYS_FILE": None}
+    # no auth; no cache: the workload repeats sentences, which would come from the cache
+    env: dict[str, str | None] = {
+        "NMT_API_KEYS": None,
+        "NMT_API_KEYS_FILE": None,
+        "NMT_CACHE_SIZE": "0",
+    }
     if args.batch_tokens is not None:
         env["NMT_BATCH_TOKENS"] = str(args.batch_tokens)
     if args.request_timeout is not None:

@@ -156,6 +156,7 @@ def run_mode(args: argparse.Namespace, batching: bool, sentences: list[str]) -> 
         "NMT_MAX_QUEUE": "100000",
         "NMT_REQUEST_TIMEOUT_S": "120",
         "NMT_TORCH_THREADS": str(args.torch_threads),
+        "NMT_CACHE_SIZE": "0",  # repeated sentences would come from the cache
         "NMT_API_KEYS": None,  # no auth, whatever the caller's environment says
         "NMT_API_KEYS_FILE": None,
     }

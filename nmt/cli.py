@@ -1,4 +1,4 @@
-"""The `nmt` command line: train, translate, evaluate, serve, average, info."""
+"""The `nmt` command line: train, translate, evaluate, serve, average, info, export."""
 
 from __future__ import annotations
 
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target prefixes, one per input line (empty line: none): each "
                    "translation starts with its prefix and continues from it")  # fmt: skip
     p.add_argument("--n-best", type=int, default=1, help="print N best translations per line")
+    p.add_argument("--split-sentences", action="store_true",
+                   help="a line may hold several sentences: cut it into sentences, translate "
+                   "them and put the line back together with its spacing")  # fmt: skip
     p.add_argument("--alignments", action="store_true",
                    help="write JSON lines with scores, subwords, attention and word alignments")  # fmt: skip
     p.add_argument("--plot-attention", type=int, default=None, metavar="N",
@@ -138,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: off)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--wait-k", type=int, default=None, metavar="K",
+                   help="simultaneous translation: reveal the source one word at a time to a "
+                   "wait-K policy (a uni-encoder model) and report AL, AP and DAL with the scores")  # fmt: skip
 
     p = sub.add_parser("serve", help="serve a model over HTTP (REST + web page)")
-    p.add_argument("--model", required=True,
-                   help="model directory; A,B serves an ensemble of A and B as one model")  # fmt: skip
+    p.add_argument("--model", required=True, action="append",
+                   help="model directory; repeat it to serve several language pairs (requests "
+                   "choose by source/target); A,B serves an ensemble of A and B as one model")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
@@ -163,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="device for dev scoring (default: cpu)")
     p.add_argument("--no-score", action="store_true", help="skip dev scoring (left unscored)")
+
+    p = sub.add_parser("export", help="export a model directory to run without PyTorch",
+                       description="Export the encoder and the decoder step as ONNX graphs, with "
+                       "the SentencePiece model(s), config, output vocabulary and decoding "
+                       "options: a directory that `nmt translate --model`, `nmt serve --model` "
+                       "and nmt.runtime (numpy, sentencepiece, onnxruntime; no torch) decode by "
+                       "the same search rules.")  # fmt: skip
+    p.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR2", help="output directory")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise the graphs' weights to int8 (ONNX Runtime dynamic quantisation)")  # fmt: skip
 
     p = sub.add_parser("info", help="parameter counts of a config or a model directory")
     g = p.add_mutually_exclusive_group(required=True)
@@ -186,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {
         "train": cmd_train, "translate": cmd_translate, "evaluate": cmd_evaluate,
-        "serve": cmd_serve, "average": cmd_average, "info": cmd_info,
+        "serve": cmd_serve, "average": cmd_average, "info": cmd_info, "export": cmd_export,
     }  # fmt: skip
     try:
         return handlers[args.command](args)
@@ -239,6 +258,19 @@ def _read_chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _load_translator(args: argparse.Namespace) -> Any:
+    from nmt.runtime import OnnxTranslator, is_exported_dir
+
+    exported = [is_exported_dir(d) for d in args.model]
+    if any(exported):  # an `nmt export` directory: ONNX Runtime, no PyTorch model
+        if len(args.model) > 1:
+            raise ValueError("an exported (ONNX) model directory cannot be part of an ensemble")
+        if args.precision != "fp32" or args.quantize or args.device not in ("cpu", "auto"):
+            raise ValueError(
+                f"{args.model[0]} is an exported (ONNX) model: it runs on the CPU as exported; "
+                "--precision, --quantize and --device apply to PyTorch model directories (export "
+                "with --int8 for int8)"
+            )
+        return OnnxTranslator.load(args.model[0])
     from nmt.translate import Translator
 
     return Translator.load(args.model, device=args.device, precision=args.precision,
@@ -256,6 +288,29 @@ def _read_prefixes(path: Path | None, n: int) -> list[str] | None:
     return prefixes
 
 
+def _translate_split(
+    translator: Any, lines: list[str], options: Any, batch_tokens: int | None
+) -> list[Any]:
+    """Each line cut into sentences (nmt.segment), all sentences translated together, and each
+    line put back together around its sentences' translations (score: their mean)."""
+    from nmt.segment import segment_text
+    from nmt.translate import TranslationResult, translate_corpus
+
+    lang = str(getattr(translator, "meta", {}).get("src_lang") or translator.cfg.data.src_lang)
+    docs = [segment_text(line, lang) for line in lines]
+    sentences = [s for doc in docs for s in doc.sentences]
+    done: list[Any] = [None] * len(sentences)
+    for i, result in translate_corpus(translator, sentences, options, batch_tokens=batch_tokens):
+        done[i] = result
+    out, start = [], 0
+    for doc in docs:
+        part = done[start : start + len(doc.sentences)]
+        start += len(doc.sentences)
+        score = sum(r.score for r in part) / len(part) if part else 0.0
+        out.append(TranslationResult(text=doc.join([r.text for r in part]), score=score))
+    return out
+
+
 def cmd_translate(args: argparse.Namespace) -> int:
     from nmt.corpus import iter_lines, read_lines
     from nmt.translate import translate_corpus, word_alignment
@@ -267,6 +322,9 @@ def cmd_translate(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         options = replace(options, n_best=args.n_best)
+    if args.split_sentences and (want_attention or args.n_best != 1 or args.prefix_file):
+        raise ValueError("--split-sentences works on plain text: not with --alignments, "
+                         "--plot-attention, --n-best or --prefix-file")  # fmt: skip
     # lines split as training data's are (at "\n" only), so output line N answers input line N
     source: Iterable[str] = (
         read_lines(args.input) if args.input else iter_lines(sys.stdin.buffer, "<stdin>")
@@ -285,8 +343,10 @@ def cmd_translate(args: argparse.Namespace) -> int:
             chunk_prefixes = None
             if prefixes is not None:
                 chunk_prefixes = prefixes[line_no : line_no + len(chunk)]
-            for i, result in translate_corpus(translator, chunk, options,
-                                              batch_tokens=args.batch_tokens,
+            if args.split_sentences:
+                results = _translate_split(translator, chunk, options, args.batch_tokens)
+            for i, result in translate_corpus(translator, [] if args.split_sentences else chunk,
+                                              options, batch_tokens=args.batch_tokens,
                                               prefixes=chunk_prefixes, first_key=line_no):  # fmt: skip
                 results[i] = result
             for i, r in enumerate(results):
@@ -336,6 +396,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "give either --hyp FILE (score it) or --model DIR --src FILE (translate it)"
         )
     refs = [_read_lines(r) for r in args.ref]
+    simulations: list[Any] | None = None
+    if args.wait_k is not None and args.hyp is not None:
+        raise ValueError("--wait-k translates --src with --model; it cannot score a --hyp file")
     if args.hyp is not None:
         hyps = _read_lines(args.hyp)
     else:
@@ -347,9 +410,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         options = search_options(translator, args, return_attention=args.alignments is not None)
         src = _read_lines(args.src)
         results: list[Any] = [None] * len(src)
-        for i, r in translate_corpus(translator, src, options, batch_tokens=args.batch_tokens):
-            results[i] = r
-        hyps = [r.text for r in results]
+        if args.wait_k is not None:
+            from nmt.simultaneous import simulate
+
+            simulations = [simulate(translator, line, args.wait_k, options) for line in src]
+        else:
+            for i, r in translate_corpus(translator, src, options, batch_tokens=args.batch_tokens):
+                results[i] = r
+        hyps = [r.text for r in results] if simulations is None else [s.text for s in simulations]
         if args.output:
             args.output.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
         if args.alignments:
@@ -360,6 +428,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if len(ref) != len(hyps):
             raise ValueError(f"{path} has {len(ref)} lines but there are {len(hyps)} translations")
     report = score_files_text(hyps, refs, bootstrap=args.bootstrap)
+    if simulations is not None:
+        from nmt.simultaneous import corpus_latency
+
+        lat = corpus_latency([s.delays for s in simulations],
+                             [s.source_length for s in simulations],
+                             [len(line.split()) for line in refs[0]])  # fmt: skip
+        report["latency"] = {"wait_k": args.wait_k, "al": lat.al, "ap": lat.ap, "dal": lat.dal,
+                             "sentences": lat.sentences, "unit": "source words"}  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -367,6 +443,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             s = report[name]
             ci = f" (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f})" if "ci_low" in s else ""
             print(f"{name.upper():5s} {s['score']:6.2f}{ci}   {s['signature']}")
+        if "latency" in report:
+            lat_report = report["latency"]
+            print(f"wait-{args.wait_k}: AL {lat_report['al']:.2f}  AP {lat_report['ap']:.3f}  "
+                  f"DAL {lat_report['dal']:.2f}  (source words; SimulEval's definitions)")  # fmt: skip
     return 0
 
 
@@ -377,11 +457,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serves until SIGTERM/SIGINT; exits 1 when the model cannot be loaded (unless waiting)."""
 
     from nmt.checkpoint import read_model_dir
+    from nmt.runtime.files import is_exported_dir, read_manifest
 
+    models = ";".join(args.model)  # "A;B": two served models; "A,B": an ensemble of A and B
     if args.wait_for_model is None:
-        for part in str(args.model).split(","):  # "A,B" is an ensemble of A and B
-            read_model_dir(Path(part))  # fail here, with a clear message, not in the server
-    os.environ["NMT_MODEL_DIR"] = str(args.model)
+        for part in models.replace(";", ",").split(","):
+            # fail here, with a clear message, not in the server
+            if is_exported_dir(part):
+                read_manifest(Path(part))
+            else:
+                read_model_dir(Path(part))
+    os.environ["NMT_MODEL_DIR"] = models
     for name, value in (("NMT_PRECISION", args.precision), ("NMT_DEVICE", args.device)):
         if value:
             os.environ[name] = value
@@ -389,7 +475,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["NMT_QUANTIZE"] = "1"
     if args.wait_for_model is not None:
         os.environ["NMT_LOAD_RETRY_S"] = str(args.wait_for_model)
-    print(f"serving {args.model} on http://{args.host}:{args.port}/  (API docs at /docs)")
+    print(f"serving {models} on http://{args.host}:{args.port}/  (API docs at /docs)")
     # the service lives beside this package (it uses nmt, not the other way round)
     from serve.app import run_server
 
@@ -420,6 +506,14 @@ def cmd_average(args: argparse.Namespace) -> int:
         else "unscored"
     )
     print(f"averaged {', '.join(d.name for d in chosen)} into {out} ({result})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from nmt.export import export_onnx
+
+    out = export_onnx(args.model, args.out, int8=args.int8)
+    print(f"exported {args.model} to {out} ({'int8' if args.int8 else 'fp32'} ONNX graphs)")
     return 0
 
 

@@ -48,7 +48,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    layout: Literal["gnmt", "bi"] = "gnmt"  # gnmt: only the bottom layer is bidirectional
+    # gnmt: only the bottom layer is bidirectional; bi: every layer; uni: none, so the encoding
+    # of a source prefix never changes when more source arrives (simultaneous translation)
+    layout: Literal["gnmt", "bi", "uni"] = "gnmt"
     num_layers: int = 2
     hidden_dim: int = 256  # per direction
     residual_from: int = 2  # 0-based: layers at this index and above compute x + layer(x)
@@ -152,6 +154,10 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     nan_policy: Literal["stop", "skip"] = "stop"
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+    # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
+    # only. k, or [lo, hi] to draw k per batch from that range so one model serves every k
+    # (Elbayad et al., 2020); null: full-sentence training. Needs model.encoder.layout: uni.
+    wait_k: int | tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -315,7 +321,7 @@ def _layer_widths(cfg: ModelConfig) -> tuple[list[int], list[int]]:
     inputs, outputs = [], []
     width = cfg.embed_dim
     for i in range(enc.num_layers):
-        bidirectional = enc.layout == "bi" or i == 0
+        bidirectional = enc.layout == "bi" or (i == 0 and enc.layout == "gnmt")
         out = enc.hidden_dim * (2 if bidirectional else 1)
         inputs.append(width)
         outputs.append(out)
@@ -434,6 +440,21 @@ def validate(cfg: Config) -> None:
     )
     _check(tc.min_lr < tc.lr, f"train.min_lr ({tc.min_lr}) must be below train.lr ({tc.lr})")
     _check(cfg.train.log_every > 0, "train.log_every must be positive")
+    if tc.wait_k is not None:
+        low, high = (tc.wait_k, tc.wait_k) if isinstance(tc.wait_k, int) else tc.wait_k
+        _check(
+            1 <= low <= high,
+            f"train.wait_k must be k >= 1 or a range [lo, hi] with 1 <= lo <= hi, got {tc.wait_k}",
+        )
+        _check(
+            enc.layout == "uni",
+            f"train.wait_k needs model.encoder.layout: uni (got {enc.layout!r}): a bidirectional "
+            "layer reads source the decoder has not been allowed to see yet",
+        )
+        _check(
+            tc.scheduled_sampling == 0,
+            "train.wait_k does not combine with train.scheduled_sampling; set one of them to 0",
+        )
     _check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1")
     _check(cfg.train.lr > 0, f"train.lr must be positive, got {cfg.train.lr}")
 

@@ -29,13 +29,15 @@ tensor ops; Python touches single hypotheses only when they end.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
+
+# the options and length rules live in a torch-free module (the ONNX runtime uses them too)
+from nmt.search_options import SearchOptions, length_penalty_factor, max_length
 
 NEG_INF = float("-inf")
 _COVERAGE_EPS = 1e-10  # keeps log() finite on source words that got no attention at all
@@ -89,101 +91,6 @@ class Hypothesis:
     finished: bool = True
 
 
-Sampling = Literal["none", "topk", "topp"]
-
-
-@dataclass(frozen=True)
-class SearchOptions:
-    """How to decode: every choice search makes, checked once when the value is made.
-
-    Change one with `dataclasses.replace(options, beam_size=1)`; that checks again.
-
-    beam_size: K; 1 is greedy search. n_best: hypotheses returned per sentence (<= K).
-    length_penalty, coverage_penalty: GNMT alpha and beta (Wu et al., 2016, eq. 14); in greedy
-        search and sampling they change `score` only.
-    min_len: EOS is not allowed before this many tokens.
-    max_len_a, max_len_b: at most floor(a * |source| + b) output tokens per sentence (a target
-        prefix always fits); max_len_cap: a hard bound on top of that (a server's limit).
-    no_repeat_ngram: if > 0, no n-gram of this order appears twice in an output.
-    sampling: "topk" draws from the top_k most likely tokens (0: all of them), "topp" from the
-        smallest set whose probability reaches top_p (nucleus sampling, Holtzman et al., 2020);
-        both at `temperature` (0 means argmax). seed: makes the draws of a call reproducible.
-    return_attention: fill `Hypothesis.attention`.
-    """
-
-    beam_size: int = 5
-    n_best: int = 1
-    length_penalty: float = 0.6
-    coverage_penalty: float = 0.0
-    min_len: int = 0
-    max_len_a: float = 0.0
-    max_len_b: float = 200.0
-    max_len_cap: int | None = None
-    no_repeat_ngram: int = 0
-    sampling: Sampling = "none"
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    seed: int | None = None
-    return_attention: bool = False
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ValueError(message)
-
-        need(self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}")
-        need(self.n_best >= 1, f"n_best must be >= 1, got {self.n_best}")
-        need(
-            self.n_best <= self.beam_size,
-            f"n_best ({self.n_best}) cannot exceed beam_size ({self.beam_size})",
-        )
-        need(self.length_penalty >= 0, f"length_penalty must be >= 0, got {self.length_penalty}")
-        need(
-            self.coverage_penalty >= 0,
-            f"coverage_penalty must be >= 0, got {self.coverage_penalty}",
-        )
-        need(self.min_len >= 0, f"min_len must be >= 0, got {self.min_len}")
-        need(self.max_len_a >= 0, f"max_len_a must be >= 0, got {self.max_len_a}")
-        need(self.max_len_b >= 0, f"max_len_b must be >= 0, got {self.max_len_b}")
-        need(
-            self.max_len_cap is None or self.max_len_cap >= 0,
-            f"max_len_cap must be >= 0, got {self.max_len_cap}",
-        )
-        need(self.no_repeat_ngram >= 0, f"no_repeat_ngram must be >= 0, got {self.no_repeat_ngram}")
-        need(
-            self.sampling in ("none", "topk", "topp"),
-            f"sampling must be none, topk or topp, got {self.sampling!r}",
-        )
-        need(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
-        need(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
-        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
-        if self.sampling != "none":
-            need(
-                self.beam_size == 1,
-                f"sampling draws one output per sentence: beam_size must be 1, got "
-                f"{self.beam_size}",
-            )
-            if self.sampling == "topk":
-                need(self.top_p == 1.0, "top_p applies to sampling topp, not topk")
-            else:
-                need(self.top_k == 0, "top_k applies to sampling topk, not topp")
-        else:
-            for name, default in (("top_k", 0), ("top_p", 1.0), ("temperature", 1.0)):
-                need(
-                    getattr(self, name) == default,
-                    f"{name} applies to sampling only; set sampling to topk or topp",
-                )
-            need(self.seed is None, "seed applies to sampling only; set sampling to topk or topp")
-
-    @property
-    def mode(self) -> Literal["greedy", "beam", "sample"]:
-        """What `search` runs: sampling, greedy search (one beam, one output) or beam search."""
-        if self.sampling != "none":
-            return "sample"
-        return "greedy" if self.beam_size == 1 and self.n_best == 1 else "beam"
-
-
 class EncodedSource(NamedTuple):
     """A padded batch of source sentences as search gets it, with the special ids it needs and
     optional target prefixes to force (token ids, one list per sentence, [] for none)."""
@@ -197,11 +104,6 @@ class EncodedSource(NamedTuple):
     # stable ids of the sentences (e.g. line numbers): with a sampling seed, each sentence draws
     # from its own random stream, so its sample does not depend on the batch it is in
     keys: list[int] | None = None
-
-
-def length_penalty_factor(length: int, alpha: float) -> float:
-    """GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016, eq. 14)."""
-    return ((5.0 + length) / 6.0) ** alpha
 
 
 def coverage_penalty_value(coverage: Tensor, src_mask: Tensor, beta: float) -> Tensor:
@@ -226,9 +128,7 @@ def max_lengths(
         raise ValueError(f"max_len_a must be >= 0, got {max_len_a}")
     if cap is not None and cap < 0:
         raise ValueError(f"max_len_cap must be >= 0, got {cap}")
-    # the small epsilon keeps e.g. 1.1 * 10 from flooring to 10
-    limits = [max(0, math.floor(max_len_a * n + max_len_b + 1e-6)) for n in src_lengths.tolist()]
-    return limits if cap is None else [min(n, cap) for n in limits]
+    return [max_length(n, max_len_a, max_len_b, cap) for n in src_lengths.tolist()]
 
 
 def output_limits(batch: EncodedSource, options: SearchOptions) -> list[int]:

@@ -66,7 +66,12 @@ from nmt.train_state import (
     set_rng_state,
 )
 from nmt.translate import autocast, resolve_device
-from nmt.validate import record_test_scores, resolve_split, validate
+from nmt.validate import (
+    record_confidence_calibration,
+    record_test_scores,
+    resolve_split,
+    validate,
+)
 
 __all__ = ["TrainResult", "Trainer", "TrainingError", "TrainingInterrupted", "learning_rate",
            "train"]  # fmt: skip
@@ -184,16 +189,30 @@ class TrainingForward(nn.Module):
         super().__init__()
         self.model, self.pad_id, self.label_smoothing = model, pad_id, label_smoothing
 
-    def forward(self, batch: Batch, ss_prob: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-        """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch."""
+    def forward(
+        self, batch: Batch, ss_prob: float = 0.0, wait_k: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch.
+        wait_k: wait-k teacher forcing (target step t reads the first t + k source tokens)."""
         model, pad_id, smoothing = self.model, self.pad_id, self.label_smoothing
         if ss_prob > 0:
             logits = scheduled_sampling_logits(model, batch, ss_prob, pad_id)
             return label_smoothed_nll(logits, batch.tgt_out, pad_id, smoothing, model.column_of)
-        features = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in, features=True)
+        features = model(batch.src, batch.src_lengths, batch.src_mask, batch.tgt_in,
+                         features=True, wait_k=wait_k)  # fmt: skip
         weight, bias = model.output_weights()
         return fused_linear_smoothed_nll(features, weight, bias, batch.tgt_out, pad_id, smoothing,
                                          model.column_of)  # fmt: skip
+
+
+def wait_k_of_step(wait_k: int | tuple[int, int] | None, seed: int, step: int) -> int | None:
+    """The k of one training step's wait-k mask: `train.wait_k` itself, or for a range [lo, hi]
+    a draw that depends on the seed and the step only, so a resumed run draws the same k and
+    every rank of a distributed run agrees (Elbayad et al., 2020, "Efficient wait-k")."""
+    if wait_k is None or isinstance(wait_k, int):
+        return wait_k
+    low, high = wait_k
+    return random.Random(seed * 1_000_003 + step).randint(low, high)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -394,10 +413,11 @@ class Trainer:
                                 loop.warmup_seconds)  # fmt: skip
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
+        wait_k = wait_k_of_step(tc.wait_k, tc.seed, loop.step)
         loss_sum, nll_sum, n_tokens = _accumulate(self.train_model, micro, self.train_data,
                                                   self.tokenizer, self.device, self.precision,
                                                   self.scaler, info, ss_prob,
-                                                  self.sampler.buckets)  # fmt: skip
+                                                  self.sampler.buckets, wait_k)  # fmt: skip
         total_tokens = all_reduce_sum(float(n_tokens), info)
         finite = all_reduce_sum(float(math.isfinite(loss_sum)), info) == info.world_size
         loop.sampler = self.sampler.state_dict()
@@ -637,6 +657,9 @@ class Trainer:
                         self.select_model()
                         selected_now = True
                     plot_curves(self.log.read(), self.run_dir / "curves.png")
+                    if stopped != "already_complete" or selected_now:
+                        record_confidence_calibration(self.cfg, self.run_dir / "model",
+                                                      self.device, self.precision)  # fmt: skip
                     if self.tc.test_at_end and (stopped != "already_complete" or selected_now):
                         record_test_scores(self.cfg, self.run_dir / "model", self.device,
                                            self.precision)  # fmt: skip
@@ -759,6 +782,7 @@ def _accumulate(
     info: DistInfo,
     ss_prob: float,
     padding: Buckets,
+    wait_k: int | None = None,
 ) -> tuple[float, float, int]:
     """Forward and backward over the micro-batches of one step; gradients are sums over tokens.
     `train_model` is the `TrainingForward`, or the DDP wrapper around it."""
@@ -771,7 +795,7 @@ def _accumulate(
         ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
             with autocast(device, precision):
-                loss, nll, n_tok = train_model(batch, ss_prob)
+                loss, nll, n_tok = train_model(batch, ss_prob, wait_k)
             scaler.scale(loss).backward()
         loss_total += float(loss.detach())
         nll_total += float(nll.detach())

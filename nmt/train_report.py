@@ -103,6 +103,13 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
             f"| Weights | {selection['chosen']}, the best on dev BLEU of the candidates "
             f"({others or 'no other candidate'}) |"
         )
+    calibration = meta.get("confidence")
+    if calibration:
+        lines.append(
+            f"| Confidence | calibrated on {calibration.get('dev_sentences')} dev sentences to "
+            f"predict {calibration.get('target')} from {', '.join(calibration.get('features', []))}"
+            f" (Spearman {calibration.get('dev_spearman')} on dev) |"
+        )
     lines += [
         f"| BLEU signature | `{scores.get('bleu_signature', '')}` |",
         f"| Training | {meta.get('step')} steps, epoch {meta.get('epoch')}, "

@@ -212,3 +212,78 @@ def record_test_scores(cfg: Config, model_dir: Path, device: torch.device, preci
     ckpt.write_text_atomic(model_dir / "README.md", model_card(cfg, meta))
     logger.info("test split %s: BLEU %.2f (beam %d), chrF %.2f", src_path, scores.bleu,
                 cfg.decode.beam_size, scores.chrf)  # fmt: skip
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (tied values get their average rank)."""
+    import numpy as np
+
+    def ranks(x: list[float]) -> Any:
+        values = np.asarray(x, dtype=np.float64)
+        order = values.argsort(kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values), dtype=np.float64)
+        for v in np.unique(values):  # average rank for ties
+            tied = values == v
+            if tied.sum() > 1:
+                r[tied] = r[tied].mean()
+        return r
+
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def calibrate_confidence(translator: Translator, src: list[str], refs: list[str]) -> dict[str, Any]:
+    """A linear fit of sentence chrF / 100 on the translations' `confidence_features`, by least
+    squares over these sentences; `Translator` turns it into each translation's confidence."""
+    import numpy as np
+    from sacrebleu.metrics import CHRF
+
+    from nmt.translate import CONFIDENCE_FEATURES, confidence, translate_corpus
+
+    results: list[Any] = [None] * len(src)
+    for i, result in translate_corpus(translator, src):
+        results[i] = result
+    chrf = CHRF()
+    target = [chrf.sentence_score(r.text, [ref]).score / 100 for r, ref in zip(results, refs)]
+    x = np.array([list(r.features) + [1.0] for r in results], dtype=np.float64)
+    coef, *_ = np.linalg.lstsq(x, np.array(target), rcond=None)
+    calibration: dict[str, Any] = {
+        "features": list(CONFIDENCE_FEATURES),
+        "weights": [round(float(w), 6) for w in coef[:-1]],
+        "bias": round(float(coef[-1]), 6),
+        "target": "sentence chrF / 100",
+        "dev_sentences": len(src),
+    }
+    predicted = [confidence(r.features, calibration) for r in results]
+    calibration["dev_spearman"] = round(spearman(predicted, target), 4)
+    return calibration
+
+
+CALIBRATION_SENTENCES = 2000  # dev sentences the confidence calibration uses at most
+
+
+def record_confidence_calibration(
+    cfg: Config, model_dir: Path, device: torch.device, precision: str
+) -> None:
+    """Calibrates the shipped model's confidence on the dev split and stores it in meta.json
+    (`confidence`) and the model card."""
+    try:
+        src_path, ref_path = resolve_split(cfg, "dev")
+    except (ConfigError, CorpusError):
+        return
+    translator = Translator.load(model_dir, device=str(device),
+                                 precision="bf16" if precision == "bf16" else "fp32")  # fmt: skip
+    src = list(read_lines(src_path))[:CALIBRATION_SENTENCES]
+    refs = list(read_lines(ref_path))[:CALIBRATION_SENTENCES]
+    calibration = calibrate_confidence(translator, src, refs)
+    meta = json.loads((model_dir / ckpt.META_FILE).read_text(encoding="utf-8"))
+    meta["confidence"] = calibration
+    ckpt.write_json_atomic(model_dir / ckpt.META_FILE, meta)
+    ckpt.write_text_atomic(model_dir / "README.md", model_card(cfg, meta))
+    logger.info("confidence calibrated on %d dev sentences (Spearman %.3f with sentence chrF)",
+                len(src), calibration["dev_spearman"])  # fmt: skip

@@ -19,9 +19,19 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.batcher import Batcher, ServiceError, TranslatorLike
+from serve.cache import TranslationCache
+from serve.libretranslate import add_libretranslate
+from serve.live import build_live_router
 from serve.metrics import Metrics
 from serve.middleware import REQUEST_ID_HEADER, RequestContextMiddleware, error_body, request_id_of
-from serve.routes import STATIC_DIR, InvalidRequestError, api_key_dependency, build_router
+from serve.registry import ModelRegistry, describe_model_dir
+from serve.routes import (
+    STATIC_DIR,
+    InvalidRequestError,
+    Service,
+    api_key_dependency,
+    build_router,
+)
 from serve.schemas import translate_request_model
 from serve.settings import Settings
 
@@ -58,6 +68,12 @@ def load_translator(settings: Settings) -> Callable[[], TranslatorLike]:
     model_dir = model_dirs[0] if len(model_dirs) == 1 else model_dirs
 
     def load() -> TranslatorLike:
+        from nmt.runtime import OnnxTranslator, is_exported_dir
+
+        if len(model_dirs) == 1 and is_exported_dir(model_dirs[0]):
+            # an `nmt export` directory: ONNX Runtime on the CPU (torch_threads: its threads)
+            logger.info("loading exported %s (onnxruntime)", model_dirs[0])
+            return OnnxTranslator.load(model_dirs[0], threads=settings.torch_threads)
         from nmt.translate import Translator
 
         if settings.torch_threads > 0:
@@ -88,36 +104,52 @@ def create_app(
 
     Raises ValueError for settings that must not start a server (a key setting without keys)."""
     settings = settings or Settings()
-    if translator is not None:
-        loaded = translator
-        load = lambda: loaded  # noqa: E731
-    elif load is None:
-        load = load_translator(settings)
     api_keys = settings.all_api_keys()
     metrics = Metrics()
-    batcher = Batcher(
-        load,
-        metrics=metrics,
-        batching=settings.batching,
-        batch_tokens=settings.batch_tokens,
-        max_wait_s=settings.batch_wait_ms / 1000,
-        max_queue=settings.max_queue,
-        retry_after_s=settings.retry_after_s,
-        warmup=settings.warmup,
-        length_cap=settings.max_output_length,
-        restart_delay_s=settings.restart_delay_s,
-        load_retry_s=settings.load_retry_s,
-        on_load_failure=on_load_failure,
-    )
+
+    def make_batcher(load: Callable[[], TranslatorLike], is_reload: bool) -> Batcher:
+        return Batcher(
+            load,
+            metrics=metrics,
+            batching=settings.batching,
+            batch_tokens=settings.batch_tokens,
+            max_wait_s=settings.batch_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            retry_after_s=settings.retry_after_s,
+            warmup=settings.warmup,
+            length_cap=settings.max_output_length,
+            restart_delay_s=settings.restart_delay_s,
+            # a failed reload leaves the old model serving: it must not stop the server
+            load_retry_s=0.0 if is_reload else settings.load_retry_s,
+            on_load_failure=None if is_reload else on_load_failure,
+        )
+
+    registry = ModelRegistry(make_batcher, metrics)
+    if translator is not None:
+        loaded = translator
+        info = translator.info() if hasattr(translator, "info") else {}
+        registry.add(str(info.get("name") or ""), str(info.get("src_lang") or ""),
+                     str(info.get("tgt_lang") or ""), lambda: loaded)  # fmt: skip
+    elif load is not None:
+        registry.add("", "", "", load)
+    else:
+        if settings.model_dir is None:
+            load_translator(settings)  # raises the error that names the missing setting
+        # "A;B": two served models; "A,B" within one: an ensemble
+        for part in [p.strip() for p in str(settings.model_dir).split(";") if p.strip()]:
+            one = settings.model_copy(update={"model_dir": part})
+            registry.add(*describe_model_dir(part), load_translator(one))
+    batcher = registry.default.batcher
+    cache = TranslationCache(settings.cache_size, metrics) if settings.cache_size > 0 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        registry.start()
         try:
             yield
         finally:
             # joining the worker blocks: do it off the event loop, which may still be answering
-            await asyncio.to_thread(batcher.stop, settings.graceful_shutdown_s)
+            await asyncio.to_thread(registry.stop, settings.graceful_shutdown_s)
 
     docs_open = settings.docs == "public" or (settings.docs == "protected" and not api_keys)
     app = FastAPI(
@@ -132,8 +164,12 @@ def create_app(
     if settings.docs == "protected" and api_keys:
         add_protected_docs(app, api_keys)
     app.state.settings = settings
-    app.state.batcher = batcher
-    app.include_router(build_router(settings, translate_request_model(settings), api_keys))
+    app.state.batcher = batcher  # the default model's, as started (reloads replace it)
+    app.state.service = Service(settings, registry, cache)
+    app.include_router(build_router(settings, translate_request_model(settings), api_keys,
+                                    settings.admin_keys))  # fmt: skip
+    add_libretranslate(app, api_keys)
+    app.include_router(build_live_router(settings, api_keys, metrics))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     add_error_handlers(app)
     if settings.cors_origins:

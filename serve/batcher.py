@@ -270,6 +270,14 @@ class Batcher:
                 logger.warning("batcher worker still busy after %.0f s; leaving it", timeout_s)
         self.metrics.ready.set(0)
 
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Stops once every text queued so far has been translated (a model being replaced:
+        new requests already go elsewhere). Blocks: call it from a thread."""
+        deadline = time.monotonic() + timeout_s
+        while self._queued > 0 and time.monotonic() < deadline and self.ready:
+            time.sleep(0.01)
+        self.stop(max(deadline - time.monotonic(), 1.0))
+
     @property
     def ready(self) -> bool:
         """Whether requests are accepted now: model loaded, worker serving, not stopping."""

@@ -71,6 +71,27 @@ class Metrics:
             "Batches stopped between decoding steps because nobody waited for them any more.",
             registry=self.registry,
         )
+        self.cache_hits = Counter(
+            "nmt_cache_hits",
+            "Sentences answered from the translation cache.",
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "nmt_cache_misses",
+            "Sentences looked up in the translation cache and not found (then translated).",
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            "nmt_cache_entries",
+            "Sentences held in the translation cache.",
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "nmt_model_reloads",
+            "Model reloads by outcome (ok, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "nmt_model_ready",
             "1 once the model is loaded and the worker accepts requests.",

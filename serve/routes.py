@@ -21,8 +21,11 @@ from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serve.batcher import Batcher, NotReadyError, ServiceError, TranslatorLike
+from nmt.segment import Segmented, segment_html, segment_text
+from serve.batcher import Batcher, NotReadyError, ServiceError, ShuttingDownError, TranslatorLike
+from serve.cache import TranslationCache
 from serve.middleware import error_body, request_id_of
+from serve.registry import ModelRegistry, ServedModel
 from serve.schemas import (
     Alignment,
     DoneEvent,
@@ -31,7 +34,11 @@ from serve.schemas import (
     Hypothesis,
     Limits,
     ModelInfo,
+    ModelsResponse,
     Ready,
+    ReloadRequest,
+    ReloadResponse,
+    ServedModelInfo,
     TokenEvent,
     TranslateRequestBase,
     TranslateResponse,
@@ -125,10 +132,193 @@ def to_translation(result: Any, options: Any) -> Translation:
     return Translation(
         text=result.text,
         score=_finite(result.score),
+        confidence=_finite(getattr(result, "confidence", None)),
         finished=bool(getattr(result, "finished", True)),
         n_best=[Hypothesis(text=t, score=_finite(s)) for t, s in result.n_best],
         alignment=alignment,
     )
+
+
+@dataclasses.dataclass
+class Document:
+    """A text translated sentence by sentence and put back together."""
+
+    text: str
+    score: float | None
+    confidence: float | None
+    finished: bool
+    n_best: list[tuple[str, float | None]]
+    src_tokens: tuple[str, ...] = ()
+    tgt_tokens: tuple[str, ...] = ()
+    attention: None = None
+
+
+def join_document(segmented: Segmented, results: list[Any], n_best: int) -> Document:
+    """The translations of a document's sentences put back into it: the best one, and the k-th
+    alternative made of each sentence's k-th hypothesis (its best where it has fewer). Score and
+    finished as for one sentence (mean, all); confidence the mean weighted by sentence length."""
+    if not results:  # nothing to translate (markup or whitespace only)
+        return Document(segmented.join([]), None, None, True, [(segmented.join([]), None)])
+    scores = [_finite(r.score) for r in results]
+    finite = [x for x in scores if x is not None]
+    score = sum(finite) / len(finite) if len(finite) == len(scores) else None
+    weights = [max(len(s), 1) for s in segmented.sentences]
+    confidences = [_finite(getattr(r, "confidence", None)) for r in results]
+    confidence = None
+    if all(c is not None for c in confidences):
+        confidence = sum(w * c for w, c in zip(weights, confidences) if c is not None) / sum(
+            weights
+        )
+    alternatives = []
+    for k in range(max(1, min(n_best, max(len(r.n_best) for r in results)))):
+        texts = [r.n_best[k][0] if k < len(r.n_best) else r.text for r in results]
+        alt_scores = [_finite(r.n_best[k][1] if k < len(r.n_best) else r.score) for r in results]
+        ok = [x for x in alt_scores if x is not None]
+        mean = sum(ok) / len(ok) if len(ok) == len(alt_scores) else None
+        alternatives.append((segmented.join(texts), mean))
+    text = segmented.join([r.text for r in results])
+    alternatives[0] = (text, score)
+    finished = all(bool(getattr(r, "finished", True)) for r in results)
+    return Document(text, score, confidence, finished, alternatives)
+
+
+def segment(texts: list[str], html: bool, lang: str) -> list[Segmented]:
+    """Each text cut into sentences (plain text or HTML)."""
+    cut = segment_html if html else segment_text
+    return [cut(text, lang or "en") for text in texts]
+
+
+@dataclasses.dataclass
+class Service:
+    """What the translating routes share: settings, the served models and the cache."""
+
+    settings: Settings
+    registry: ModelRegistry
+    cache: TranslationCache | None
+
+    async def encode(
+        self, translator: TranslatorLike, texts: list[str], what: str = "text"
+    ) -> list[list[int]]:
+        """Each text's source subwords after the tokenizer's normalisation; 422 over the limit
+        (characters are counted before normalisation, which can multiply them)."""
+        tokenizer = translator.tokenizer
+        if sum(map(len, texts)) <= INLINE_ENCODE_CHARS:
+            encoded = tokenizer.encode_src(texts)
+        else:  # long texts take milliseconds: keep the event loop free meanwhile
+            encoded = await asyncio.to_thread(tokenizer.encode_src, texts)
+        limit = self.settings.max_tokens
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                raise InvalidRequestError(
+                    f"{what} {i} is {len(ids)} subwords long after normalisation; the limit is "
+                    f"{limit} (split it into sentences)",
+                    ["body", "text", i],
+                )
+        return [list(ids) for ids in encoded]
+
+    def check_sentences(self, segmented: list[Segmented]) -> list[str]:
+        """All sentences of these documents, within the per-request limits (422 otherwise)."""
+        sentences = [s for doc in segmented for s in doc.sentences]
+        limits = self.settings
+        if len(sentences) > limits.max_texts:
+            raise InvalidRequestError(
+                f"the texts hold {len(sentences)} sentences; at most {limits.max_texts} per "
+                "request are allowed",
+                ["body", "text"],
+            )
+        for i, sentence in enumerate(sentences):
+            if len(sentence) > limits.max_chars:
+                raise InvalidRequestError(
+                    f"sentence {i} is {len(sentence)} characters long; the limit is "
+                    f"{limits.max_chars}",
+                    ["body", "text"],
+                )
+        return sentences
+
+    async def translate(
+        self,
+        request: Request,
+        choose: Callable[[], ServedModel],
+        sentences: list[str],
+        options_for: Callable[[TranslatorLike], Any],
+        *,
+        prefixes: list[str | None] | None = None,
+        what: str = "text",
+    ) -> tuple[ServedModel, Any, list[Any]]:
+        """Translations of sentences, from the cache where it has them, else from the chosen
+        model's batcher, with `options_for(translator)`; (model, options, results).
+
+        A model swapped by a reload while the request was on its way is asked again on the new
+        model, so that a reload never fails a request."""
+        for attempt in range(3):
+            entry = choose()
+            translator = ready_translator(entry.batcher)
+            options = options_for(translator)
+            if not sentences:
+                return entry, options, []
+            ids = await self.encode(translator, sentences, what)
+            try:
+                results = await self._cached(request, entry, sentences, ids, options, prefixes)
+            except (ShuttingDownError, NotReadyError):
+                now = self.registry.current(entry.name)
+                if attempt == 2 or now is None or now.batcher is entry.batcher:
+                    raise
+                continue
+            return entry, options, results
+        raise AssertionError("unreachable")
+
+    async def _cached(
+        self,
+        request: Request,
+        entry: ServedModel,
+        sentences: list[str],
+        ids: list[list[int]],
+        options: Any,
+        prefixes: list[str | None] | None,
+    ) -> list[Any]:
+        cache = self.cache
+        prefix_of = prefixes or [None] * len(sentences)
+        keys = [
+            cache.key(entry.cache_name, options, ids[i], prefix_of[i])
+            if cache is not None
+            else None
+            for i in range(len(sentences))
+        ]
+        results: list[Any] = [cache.get(k) if cache is not None else None for k in keys]
+        # repeats within one request are each translated: a request's work stays what it asks
+        missing = [i for i, result in enumerate(results) if result is None]
+        if missing:
+            asked = [prefix_of[i] for i in missing]
+            got = await unless_disconnected(
+                request,
+                entry.batcher.translate(
+                    [sentences[i] for i in missing],
+                    options,
+                    self.settings.request_timeout_s,
+                    lengths=[max(len(ids[i]), 1) for i in missing],
+                    request_id=request_id_of(request.scope),
+                    prefixes=asked if any(asked) else None,
+                ),
+            )
+            for i, result in zip(missing, got, strict=True):
+                if cache is not None:
+                    cache.put(keys[i], result)
+                results[i] = result
+        return results
+
+    def served(self) -> list[ServedModelInfo]:
+        models = self.registry.models
+        return [
+            ServedModelInfo(
+                name=m.name,
+                source=m.src_lang,
+                target=m.tgt_lang,
+                ready=m.batcher.ready,
+                generation=m.generation,
+                default=i == 0,
+            )
+            for i, m in enumerate(models)
+        ]
 
 
 def sse(event: str, data: dict[str, Any]) -> str:
@@ -136,12 +326,18 @@ def sse(event: str, data: dict[str, Any]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
 def get_batcher(request: Request) -> Batcher:
-    batcher: Batcher = request.app.state.batcher
-    return batcher
+    """The default model's batcher (the one answering when a request names no model)."""
+    return get_service(request).registry.default.batcher
 
 
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 def api_key_dependency(keys: list[str]) -> Callable[..., Any]:
@@ -182,16 +378,20 @@ def body_model(model: type[TranslateRequestBase]) -> Callable[[F], F]:
 
 
 def build_router(
-    settings: Settings, request_model: type[TranslateRequestBase], api_keys: list[str]
+    settings: Settings,
+    request_model: type[TranslateRequestBase],
+    api_keys: list[str],
+    admin_keys: list[str] | None = None,
 ) -> APIRouter:
-    """All routes; the ones that translate or describe the model need a key when keys exist."""
+    """All routes; the ones that translate or describe the model need a key when keys exist,
+    and /v1/admin/reload an admin key (without admin keys it is refused)."""
     auth = [Depends(api_key_dependency(api_keys))] if api_keys else []
     auth_errors = AUTH_ERRORS if api_keys else {}
     router = APIRouter()
     protected = APIRouter(dependencies=auth, responses=auth_errors)
     timeout_s = settings.request_timeout_s
 
-    def resolve(body: TranslateRequestBase, batcher: Batcher) -> Any:
+    def resolve(body: TranslateRequestBase, translator: TranslatorLike) -> Any:
         """The model's SearchOptions changed by the request; SearchOptions checks them (a bad
         combination is a 422 naming the field)."""
         if body.return_alignments and len(body.text) > settings.max_alignment_texts:
@@ -200,7 +400,7 @@ def build_router(
                 f"per request (got {len(body.text)})",
                 ["body", "return_alignments"],
             )
-        base = ready_translator(batcher).options
+        base = translator.options
         changes = {
             field: getattr(body, name)
             for name, field in body.SEARCH_FIELDS.items()
@@ -223,12 +423,12 @@ def build_router(
             )
             raise InvalidRequestError(message, ["body", field]) from None
 
-    async def subword_counts(body: TranslateRequestBase, batcher: Batcher) -> list[int]:
+    async def subword_counts(body: TranslateRequestBase, translator: TranslatorLike) -> list[int]:
         """Each text's source subwords after the tokenizer's normalisation; 422 over the limit
         (characters are counted before normalisation, which can multiply them), and for a target
         prefix longer than the output limit."""
         texts = body.text
-        tokenizer = ready_translator(batcher).tokenizer
+        tokenizer = translator.tokenizer
         for i, prefix in enumerate(body.target_prefix or []):
             n = len(tokenizer.encode_tgt([prefix])[0]) if prefix else 0
             if n > settings.max_output_length:
@@ -262,30 +462,44 @@ def build_router(
     async def translate(
         body: TranslateRequestBase,
         request: Request,
-        batcher: BatcherDep,
+        service: ServiceDep,
     ) -> TranslateResponse:
-        """Translations in input order, with scores and the n-best list; with
+        """Translations in input order, with scores, confidence and the n-best list; with
         `return_alignments`, the subwords and attention matrix. Concurrent requests with the same
-        decoding options are translated together."""
-        options = resolve(body, batcher)
-        lengths = await subword_counts(body, batcher)
-        request_id = request_id_of(request.scope)
-        prefixes: list[str | None] | None = list(body.target_prefix) if body.target_prefix else None
-        results = await unless_disconnected(
-            request,
-            batcher.translate(
-                body.text,
-                options,
-                timeout_s,
-                lengths=lengths,
-                request_id=request_id,
-                prefixes=prefixes,
-            ),
-        )
+        decoding options are translated together. With `split: sentences` each text may hold
+        paragraphs: its sentences are translated in one batch and put back in place."""
+        registry = service.registry
+
+        def choose() -> ServedModel:
+            return registry.find(body.source, body.target, body.model)
+
+        if body.split == "none":
+            prefixes: list[str | None] | None = (
+                list(body.target_prefix) if body.target_prefix else None
+            )
+            if prefixes is not None:
+                await subword_counts(body, ready_translator(choose().batcher))
+            entry, options, results = await service.translate(
+                request, choose, body.text, lambda t: resolve(body, t), prefixes=prefixes
+            )
+            translations = [to_translation(r, options) for r in results]
+        else:
+            lang = body.source or choose().src_lang
+            segmented = segment(body.text, False, lang)
+            sentences = service.check_sentences(segmented)
+            entry, options, results = await service.translate(
+                request, choose, sentences, lambda t: resolve(body, t), what="sentence"
+            )
+            translations = []
+            start = 0
+            for doc in segmented:
+                part = results[start : start + len(doc.sentences)]
+                start += len(doc.sentences)
+                translations.append(to_translation(join_document(doc, part, body.n_best), options))
         return TranslateResponse(
             request_id=request_id_of(request.scope),
-            model=model_name(batcher),
-            translations=[to_translation(r, options) for r in results],
+            model=model_name(entry.batcher),
+            translations=translations,
         )
 
     @protected.post(
@@ -305,14 +519,21 @@ def build_router(
     async def translate_stream(
         body: TranslateRequestBase,
         request: Request,
-        batcher: BatcherDep,
+        service: ServiceDep,
     ) -> StreamingResponse:
         """One `translation` event per text as it finishes (in input order), `token` events for
         a single greedily decoded text, then `done`. The request is queued before the response
-        starts, so a full queue is still a plain 503."""
-        options = resolve(body, batcher)
+        starts, so a full queue is still a plain 503. One sentence per text (split 'none')."""
+        if body.split != "none":
+            raise InvalidRequestError(
+                "the stream translates one sentence per text; use split 'none' or /v1/translate",
+                ["body", "split"],
+            )
+        batcher = service.registry.find(body.source, body.target, body.model).batcher
+        translator = ready_translator(batcher)
+        options = resolve(body, translator)
         texts: list[str] = body.text
-        lengths = await subword_counts(body, batcher)
+        lengths = await subword_counts(body, translator)
         token_mode = len(texts) == 1 and options.mode != "beam" and not options.return_attention
         request_id = request_id_of(request.scope)
         prefixes: list[str | None] | None = list(body.target_prefix) if body.target_prefix else None
@@ -387,6 +608,41 @@ def build_router(
         """Requests by route and status, latency, batch sizes, queue depth, model readiness."""
         return Response(batcher.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @protected.get(
+        "/v1/models",
+        response_model=ModelsResponse,
+        tags=["service"],
+        summary="The served models and their language pairs",
+    )
+    async def models(service: ServiceDep) -> ModelsResponse:
+        """Every served model: name, source and target language, readiness, reload count. A
+        request chooses one with `source`/`target` or `model`; the first is the default."""
+        return ModelsResponse(models=service.served())
+
+    admin = [Depends(api_key_dependency(admin_keys))] if admin_keys else [Depends(_no_admin)]
+
+    @router.post(
+        "/v1/admin/reload",
+        response_model=ReloadResponse,
+        dependencies=admin,
+        responses={
+            **AUTH_ERRORS,
+            403: _error("No admin keys are configured (NMT_ADMIN_KEYS)."),
+            400: _error("No served model has that name."),
+            500: _error("Loading failed; the old model keeps serving."),
+        },
+        tags=["service"],
+        summary="Reload models from their directories without downtime",
+    )
+    async def reload(service: ServiceDep, body: ReloadRequest | None = None) -> ReloadResponse:
+        """Loads the model (default: every served model) again from its directory, swaps it in
+        once it is ready, and lets requests already queued finish on the old one. Needs an admin
+        key (`NMT_ADMIN_KEYS`), sent like an API key."""
+        name = body.model if body is not None else None
+        timeout = max(settings.request_timeout_s, 300.0)
+        reloaded = await asyncio.to_thread(service.registry.reload, name, timeout)
+        return ReloadResponse(reloaded=reloaded, models=service.served())
+
     @router.get("/v1/health", response_model=Health, tags=["service"], summary="Liveness")
     async def health() -> Health:
         """200 whenever the process serves HTTP, model loaded or not."""
@@ -399,10 +655,12 @@ def build_router(
         tags=["service"],
         summary="Readiness",
     )
-    async def ready(batcher: BatcherDep, response: Response) -> Ready:
+    async def ready(service: ServiceDep, response: Response) -> Ready:
         """200 while requests are accepted; 503 while the model loads, after it failed to load,
-        while the model worker restarts, and while the server stops."""
-        if batcher.ready:
+        while the model worker restarts, and while the server stops (every served model)."""
+        models = service.registry.models
+        batcher = next((m.batcher for m in models if not m.batcher.ready), None)
+        if batcher is None:
             return Ready(status="ready")
         response.status_code = 503
         response.headers["Retry-After"] = str(batcher.retry_after_s)
@@ -420,6 +678,14 @@ def build_router(
 
     router.include_router(protected)
     return router
+
+
+class ForbiddenError(ServiceError):
+    status, code = 403, "forbidden"
+
+
+async def _no_admin() -> None:
+    raise ForbiddenError("reloading is disabled: the server has no admin keys (NMT_ADMIN_KEYS)")
 
 
 async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:

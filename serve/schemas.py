@@ -25,6 +25,8 @@ from serve.settings import Settings
 
 # C0 and C1 control characters except tab, and unpaired surrogates (which JSON can carry)
 _BAD_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_CHAR_IN_DOCUMENT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+_LINE_BREAK = re.compile(r"[\n\r]")
 
 
 # characters that render as nothing although their category says letter or symbol
@@ -38,7 +40,12 @@ def _invisible(char: str) -> bool:
     return category[0] in "ZC" or category in ("Mn", "Me") or char in _BLANK_LETTERS
 
 
-def check_text(text: str) -> str:
+def check_document(text: str) -> str:
+    """Real text that may hold several sentences and lines: `check_text` allowing line breaks."""
+    return check_text(text, line_breaks=True)
+
+
+def check_text(text: str, line_breaks: bool = False) -> str:
     """One sentence of real text: not blank, no control characters, no unpaired surrogates."""
     if not text.strip():
         raise ValueError("text is empty or only whitespace")
@@ -47,7 +54,7 @@ def check_text(text: str) -> str:
             "text has no visible characters (only whitespace, zero-width or other invisible "
             f"characters such as U+{ord(next(c for c in text if not c.isspace())):04X})"
         )
-    bad = _BAD_CHAR.search(text)
+    bad = (_BAD_CHAR_IN_DOCUMENT if line_breaks else _BAD_CHAR).search(text)
     if bad is not None:
         char = bad.group()
         what = "an unpaired surrogate" if "\ud800" <= char <= "\udfff" else "a control character"
@@ -63,6 +70,7 @@ def _one_or_many(value: Any) -> Any:
 
 
 Sampling = Literal["topk", "topp"]
+Split = Literal["none", "sentences"]
 
 
 def check_prefix(text: str) -> str:
@@ -95,6 +103,27 @@ class TranslateRequestBase(BaseModel):
     temperature: float | None = None
     seed: int | None = None
     target_prefix: list[str] | None = None
+    split: Split = "none"
+    source: str | None = None
+    target: str | None = None
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_sentence_per_text_unless_split(self) -> "TranslateRequestBase":
+        if self.split == "none":
+            for i, text in enumerate(self.text):
+                if (m := _LINE_BREAK.search(text)) is not None:
+                    raise ValueError(
+                        f"text.{i}: text contains a control character (U+{ord(m.group()):04X}) "
+                        f"at position {m.start()}; send one sentence per text, or set split "
+                        "to 'sentences'"
+                    )
+        else:
+            if self.return_alignments:
+                raise ValueError("return_alignments needs split 'none' (one sentence per text)")
+            if self.target_prefix is not None and any(self.target_prefix):
+                raise ValueError("target_prefix needs split 'none' (one sentence per text)")
+        return self
 
     @model_validator(mode="after")
     def _one_prefix_per_text(self) -> "TranslateRequestBase":
@@ -120,7 +149,7 @@ def translate_request_model(settings: Settings) -> type[TranslateRequestBase]:
     Text = Annotated[
         str,
         StringConstraints(min_length=1, max_length=settings.max_chars),
-        AfterValidator(check_text),
+        AfterValidator(check_document),
     ]
     texts_type = Annotated[
         list[Text],
@@ -141,7 +170,8 @@ def translate_request_model(settings: Settings) -> type[TranslateRequestBase]:
                 "description": (
                     f"One sentence, or a list of up to {settings.max_texts} sentences, each "
                     f"1-{settings.max_chars} characters, not blank, without control characters "
-                    "(tab excepted). Translations come back in the same order."
+                    "(tab excepted; line breaks only with split 'sentences'). Translations come "
+                    "back in the same order."
                 ),
             }
         ),
@@ -242,6 +272,32 @@ def translate_request_model(settings: Settings) -> type[TranslateRequestBase]:
                 "it verbatim and the model continues from it.",
             ),
         ),
+        split=(
+            Split,
+            Field(
+                "none",
+                description="'none': each text is one sentence. 'sentences': a text may hold "
+                "paragraphs; it is cut into sentences (at most "
+                f"{settings.max_texts} in the request), all translated in one batch and put "
+                "back together with the original line breaks and spacing.",
+            ),
+        ),
+        source=(
+            str | None,
+            Field(None, max_length=16, description="Source language code: chooses the model."),
+        ),
+        target=(
+            str | None,
+            Field(None, max_length=16, description="Target language code: chooses the model."),
+        ),
+        model=(
+            str | None,
+            Field(
+                None,
+                max_length=200,
+                description="A served model's name (GET /v1/models); default: the first.",
+            ),
+        ),
     )
     model.model_config["json_schema_extra"] = {
         "examples": [{"text": ["Hola mundo.", "Buenos días."], "beam_size": 4, "n_best": 2}]
@@ -272,12 +328,48 @@ class Alignment(BaseModel):
 
 class Translation(BaseModel):
     text: str = Field(description="The best translation.")
-    score: float | None = Field(description="Its length-penalised log-probability.")
+    score: float | None = Field(
+        description="Its length-penalised log-probability (split texts: the sentences' mean)."
+    )
+    confidence: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="How far to trust the translation, 0 to 1: the model's own scores, "
+        "calibrated on its dev split to predict sentence chrF / 100 (split texts: the "
+        "sentences' mean weighted by length).",
+    )
     finished: bool = Field(description="False when the output was cut at the maximum length.")
     n_best: list[Hypothesis] = Field(description="The best n_best hypotheses, best first.")
     alignment: Alignment | None = Field(
         None, description="Present when return_alignments was true."
     )
+
+
+class ServedModelInfo(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    source: str = Field(description="Source language code.")
+    target: str = Field(description="Target language code.")
+    ready: bool
+    generation: int = Field(description="How many times it was reloaded.")
+    default: bool = Field(description="Used when a request names no model or languages.")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ServedModelInfo]
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    model: str | None = Field(None, max_length=200, description="Default: every served model.")
+
+
+class ReloadResponse(BaseModel):
+    reloaded: list[str]
+    models: list[ServedModelInfo]
 
 
 class TranslateResponse(BaseModel):
@@ -360,3 +452,48 @@ class DoneEvent(BaseModel):
 
     request_id: str
     count: int
+
+
+# -- LibreTranslate-compatible endpoints (serve/libretranslate.py) ----------------------------
+
+
+class LTTranslateRequest(BaseModel):
+    """POST /translate, as JSON or as a form (application/x-www-form-urlencoded)."""
+
+    q: str | list[str] = Field(description="The text (paragraphs allowed), or a list of texts.")
+    source: str = Field("auto", description="Source language code, or 'auto' to detect it.")
+    target: str = Field(description="Target language code.")
+    format: str = Field("text", description="'text' or 'html' (markup kept, text translated).")
+    alternatives: int = Field(0, description="Other translations to return per text.")
+    api_key: str | None = Field(None, description="The API key, when the server needs one.")
+
+
+class LTDetectedLanguage(BaseModel):
+    confidence: float = Field(description="0 to 100.")
+    language: str
+
+
+class LTTranslateResponse(BaseModel):
+    translatedText: str | list[str]  # noqa: N815 - LibreTranslate's field names
+    alternatives: list[str] | list[list[str]] | None = None
+    detectedLanguage: LTDetectedLanguage | list[LTDetectedLanguage] | None = None  # noqa: N815
+    confidence: float | list[float | None] | None = Field(
+        None, description="Our addition: how far to trust each translation, 0 to 1."
+    )
+
+
+class LTLanguage(BaseModel):
+    code: str
+    name: str
+    targets: list[str]
+
+
+class LTDetectRequest(BaseModel):
+    q: str = Field(description="The text whose language is wanted.")
+    api_key: str | None = None
+
+
+class LTError(BaseModel):
+    """Every error of the LibreTranslate-compatible endpoints has this body."""
+
+    error: str

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     )
 
     # -- the model ----------------------------------------------------------------------------
-    model_dir: str | Path | None = None  # a model dir written by `nmt train`; "A,B": an ensemble
+    # a model dir written by `nmt train`; "A,B": an ensemble; "A;B": two served models
+    model_dir: str | Path | None = None
     device: str = "cpu"  # cpu, cuda, cuda:1 or auto
     precision: Literal["fp32", "bf16"] = "fp32"
     quantize: bool = False  # int8 dynamic quantisation (CPU)
@@ -76,6 +77,7 @@ class Settings(BaseSettings):
     max_tokens: int = Field(default=400, ge=1)  # source subwords per text, after normalisation
     max_alignment_texts: int = Field(default=8, ge=1)  # texts per request with return_alignments
     request_timeout_s: float = Field(default=60.0, gt=0)  # queueing + translation; later gets 504
+    cache_size: int = Field(default=10000, ge=0)  # sentences in the translation cache; 0: off
 
     # -- dynamic batching ---------------------------------------------------------------------
     batching: bool = True  # False: each request is translated on its own (for comparisons)
@@ -95,6 +97,7 @@ class Settings(BaseSettings):
     # -- security -----------------------------------------------------------------------------
     api_keys: Annotated[list[str] | None, NoDecode] = None  # comma-separated; unset: no auth
     api_keys_file: Path | None = None  # one key per line ('#' comments allowed)
+    admin_keys: Annotated[list[str], NoDecode] = []  # comma-separated; unset: no /v1/admin routes
     docs: Literal["protected", "public", "off"] = "protected"  # /docs, /redoc, /openapi.json
     cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated; empty: no CORS
 
@@ -102,6 +105,11 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("admin_keys", mode="before")
+    @classmethod
+    def _admin_keys(cls, value: Any) -> Any:
+        return [check_api_key(k, "NMT_ADMIN_KEYS") for k in _split_list(value)]
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,4 +1,5 @@
-"""Bahdanau and Luong attention over encoder states: one call signature, masked softmax."""
+"""Bahdanau and Luong attention over encoder states: one call signature, masked softmax
+(padding, and the wait-k mask of simultaneous models)."""
 
 from __future__ import annotations
 
@@ -17,26 +18,58 @@ class EncoderMemory(NamedTuple):
     src_mask: Tensor  # (B, S) bool, True on real tokens
     keys: Tensor | None  # (B, S, Ha) keys projected once per batch; None for the dot score
     noise: SequenceNoise | None = None  # the decoder's dropout masks (training only)
+    # (T, S) bool, True where target step t may read source token s: the wait-k mask of
+    # teacher forcing (`wait_k_mask`), the same for every row; None: every real token
+    read_mask: Tensor | None = None
+
+    def steps(self, start: int, stop: int) -> EncoderMemory:
+        """The memory as target steps start..stop-1 see it (their rows of `read_mask`)."""
+        if self.read_mask is None:
+            return self
+        return self._replace(read_mask=self.read_mask[start:stop])
 
     def index_select(self, idx: Tensor) -> EncoderMemory:
         """Rows `idx` of the batch (search drops finished sentences with this). idx: (B',) long."""
         keys = None if self.keys is None else self.keys.index_select(0, idx)
         noise = None if self.noise is None else self.noise.index_select(idx)
         return EncoderMemory(
-            self.enc_out.index_select(0, idx), self.src_mask.index_select(0, idx), keys, noise
+            self.enc_out.index_select(0, idx),
+            self.src_mask.index_select(0, idx),
+            keys,
+            noise,
+            self.read_mask,
         )
+
+    def visible(self, groups: int = 1) -> Tensor:
+        """What the query rows may read: (B, S) True on real tokens, or with a read mask
+        (B, G * T, S), the read mask repeated for each of the G query rows per memory row."""
+        if self.read_mask is None:
+            return self.src_mask
+        return self.src_mask.unsqueeze(1) & self.read_mask.repeat(groups, 1).unsqueeze(0)
+
+
+def wait_k_mask(tgt_len: int, src_len: int, k: int, device: torch.device | None = None) -> Tensor:
+    """(T, S) bool: target step t (0-based) reads the first t + k source tokens (Ma et al.,
+    2019, "STACL", eq. 3: g(t) = min(k + t - 1, |x|) for 1-based t; the |x| bound is the
+    padding mask's)."""
+    if k < 1:
+        raise ValueError(f"wait-k needs k >= 1, got {k}")
+    steps = torch.arange(tgt_len, device=device).unsqueeze(1)  # (T, 1)
+    return torch.arange(src_len, device=device).unsqueeze(0) < steps + k  # (T, S)
 
 
 def masked_softmax(scores: Tensor, src_mask: Tensor) -> Tensor:
-    """Softmax over the source axis in fp32, exactly zero on padding.
+    """Softmax over the source axis in fp32, exactly zero on padding (and unread source).
 
     Args:
         scores: (B, T, S) unnormalised scores, any float dtype.
-        src_mask: (B, S) True on real tokens; every row needs at least one.
+        src_mask: (B, S) True on real tokens, or (B, T, S) per step (a wait-k mask); every
+            row needs at least one.
     Returns:
         (B, T, S) fp32 weights that sum to one over S.
     """
-    scores = scores.float().masked_fill(~src_mask.unsqueeze(1), float("-inf"))
+    mask = src_mask.unsqueeze(1) if src_mask.dim() == 2 else src_mask
+    scores = scores.float().masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1)
 
 
@@ -77,7 +110,8 @@ class Attention(nn.Module):
             if rows % batch:
                 raise ValueError(f"{rows} query rows do not divide among {batch} memory rows")
             query = query.reshape(batch, -1, query.size(-1))  # (B, G * T, Hq)
-        weights = masked_softmax(self.scores(query, memory), memory.src_mask)  # (B, G*T, S)
+        visible = memory.visible(rows // batch)  # (B, S) or (B, G*T, S)
+        weights = masked_softmax(self.scores(query, memory), visible)  # (B, G*T, S)
         # Luong et al. (2015), sec. 3.1: c_t = sum_s a_t(s) h_s
         context = torch.bmm(weights.to(memory.enc_out.dtype), memory.enc_out)  # (B, G*T, He)
         if rows != batch:

@@ -379,7 +379,8 @@ class Decoder(nn.Module):
         outs, attns = [], []
         for t in range(emb.size(1)):
             step_masks = [m if m is None or m.size(1) == 1 else m[:, t : t + 1] for m in masks]
-            out, hidden, cell, attn = self._block(emb[:, t : t + 1], state, memory, step_masks)
+            step_memory = memory.steps(t, t + 1)  # step t's row of a wait-k mask
+            out, hidden, cell, attn = self._block(emb[:, t : t + 1], state, step_memory, step_masks)
             feed = out.squeeze(1) if self.feeds_attn_vector else state.attn_vector
             state = DecoderState(hidden, cell, feed)
             outs.append(out)

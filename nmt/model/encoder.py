@@ -1,4 +1,5 @@
-"""Recurrent encoder: per-layer recurrent stacks (GNMT or all-bidirectional), residuals, dropout.
+"""Recurrent encoder: per-layer recurrent stacks (GNMT, all-bidirectional or all-unidirectional),
+residuals, dropout; the unidirectional stack also advances token by token with its state carried.
 
 Also the recurrent building blocks the decoder shares: `make_rnn`, `LayerDropout`.
 
@@ -12,6 +13,8 @@ result is exactly what packing computes: padding never changes a real token's ou
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +102,42 @@ def _run(rnn: nn.Module, x: Tensor) -> Tensor:
     return out
 
 
+# one layer's recurrent state: (h, c), each (1, B, H), for LSTM cells; h alone for GRU
+LayerState = tuple[Tensor, Tensor] | Tensor
+
+
+def _advance_layer(layer: nn.Module, x: Tensor, state: LayerState | None
+                   ) -> tuple[Tensor, LayerState]:  # fmt: skip
+    """One layer over x (B, S', D) from `state` (None: zeros). The fused nn.LSTM / nn.GRU run
+    as cell kernels token by token: a live source arrives a few tokens at a time, and oneDNN
+    builds a sequence kernel for every new length (about 40 ms each on CPU), while the cell
+    kernel's shape never changes."""
+    if type(layer) not in (nn.LSTM, nn.GRU):  # our own cells; a quantised layer
+        return layer(x) if state is None else layer(x, state)
+    rnn = cast(nn.RNNBase, layer)
+    weights = rnn.all_weights[0]  # w_ih, w_hh, b_ih, b_hh
+    zeros = x.new_zeros(x.size(0), rnn.hidden_size)
+    outs = []
+    if isinstance(rnn, nn.LSTM):
+        h, c = (zeros, zeros) if state is None else (state[0][0], state[1][0])
+        for t in range(x.size(1)):
+            h, c = torch.lstm_cell(x[:, t], (h, c), *weights)
+            outs.append(h)
+        return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+    h = zeros if state is None else cast(Tensor, state)[0]
+    for t in range(x.size(1)):
+        h = torch.gru_cell(x[:, t], h, *weights)
+        outs.append(h)
+    return torch.stack(outs, dim=1), h.unsqueeze(0)
+
+
+class EncoderState(NamedTuple):
+    """A unidirectional encoder's state after the source read so far (`Encoder.advance`)."""
+
+    layers: list[LayerState]  # per layer, its state after the last token read
+    length: int  # tokens read so far
+
+
 class BiRNN(nn.Module):
     """A bidirectional layer as two unidirectional kernels; the backward one reads each
     sentence reversed within its length, so padding never reaches a real token."""
@@ -132,7 +171,9 @@ class Encoder(nn.Module):
     """A stack of recurrent layers over embedded source tokens.
 
     Layouts: `gnmt` (Wu et al., 2016): only the bottom layer is bidirectional, the layers above
-    are unidirectional; `bi`: every layer is bidirectional. Layers at index `residual_from` and
+    are unidirectional; `bi`: every layer is bidirectional; `uni`: every layer is
+    unidirectional, so a token's encoding depends on the tokens up to it only and the source can
+    be encoded as it arrives (`advance`; simultaneous translation). Layers at index `residual_from` and
     above add their input to their output; dropout is applied to the input of every layer above
     the bottom (the embedding dropout is the caller's). Custom cells may also drop out h_{t-1}
     (`dropout_recurrent`, one mask per sequence) and W_hh (`weight_drop`, once per batch).
@@ -152,14 +193,14 @@ class Encoder(nn.Module):
         weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        if layout not in ("gnmt", "bi"):
-            raise ValueError(f"unknown encoder layout {layout!r}; choose gnmt or bi")
+        if layout not in ("gnmt", "bi", "uni"):
+            raise ValueError(f"unknown encoder layout {layout!r}; choose gnmt, bi or uni")
         self.residual_from = residual_from
         self.layers = nn.ModuleList()
         width = embed_dim
         regularise = (dropout_recurrent, weight_drop)
         for i in range(num_layers):
-            if layout == "bi" or i == 0:
+            if layout == "bi" or (layout == "gnmt" and i == 0):
                 self.layers.append(BiRNN(cell, width, hidden_dim, *regularise))
                 out_width = 2 * hidden_dim
             else:
@@ -172,6 +213,7 @@ class Encoder(nn.Module):
             width = out_width
         self.output_dim = width
         self.top_bidirectional = isinstance(self.layers[-1], BiRNN)
+        self.streaming = layout == "uni"  # whether `advance` applies
         self.dropout = LayerDropout(dropout, variational)
 
     def forward(self, emb: Tensor, src_lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -203,3 +245,30 @@ class Encoder(nn.Module):
         # nn.LSTM's batch-first output is a transposed view; attention's bmm would copy it on
         # every decoding step, so copy once here
         return x.contiguous(), final
+
+    def advance(
+        self, emb: Tensor, state: EncoderState | None = None
+    ) -> tuple[Tensor, EncoderState]:
+        """Encodes more source tokens after those `state` has read (layout `uni` only).
+
+        Encoding a sentence in pieces gives the same outputs as encoding it whole with
+        `forward`, since no layer looks ahead.
+
+        Args:
+            emb: (B, S', E) the next S' >= 1 embedded tokens (no padding).
+            state: what `advance` returned for the tokens before, or None at the start.
+        Returns:
+            enc_out (B, S', He) of the new tokens and the state after them.
+        """
+        if not self.streaming:
+            raise ValueError("only an encoder with layout 'uni' can be advanced token by token")
+        x = emb
+        states: list[LayerState] = []
+        for i, layer in enumerate(self.layers):
+            inp = x if i == 0 else self.dropout(x)
+            before = None if state is None else state.layers[i]
+            out, after = _advance_layer(layer, inp, before)
+            states.append(after)
+            x = out + x if i >= self.residual_from else out
+        length = emb.size(1) + (0 if state is None else state.length)
+        return x.contiguous(), EncoderState(states, length)

@@ -159,9 +159,12 @@ def input_feeding_forward(
             w_ih, w_hh, b_ih, b_hh = cast(nn.LSTM, layer).all_weights[0]
             bias = (b_ih + b_hh).to(dtype).expand(steps, batch, -1)
             stack.append(_Products.build(bias, [torch.cat([w_ih, w_hh], 1).to(dtype).t()]))
-        # eq. 8 scores h_t K^T; padding gets -inf (so a zero weight) through the base
-        mask_bias = torch.zeros(batch, keys.size(1), dtype=dtype, device=emb.device)
-        mask_bias = mask_bias.masked_fill(~memory.src_mask, float("-inf"))
+        # eq. 8 scores h_t K^T; padding (and source a wait-k step has not read) gets -inf, so a
+        # zero weight, through the base
+        visible = memory.visible()  # (B, S), or (B, T, S) with a wait-k mask
+        visible = visible.unsqueeze(0) if visible.dim() == 2 else visible.transpose(0, 1)
+        mask_bias = torch.zeros(visible.shape, dtype=dtype, device=emb.device)
+        mask_bias = mask_bias.masked_fill(~visible, float("-inf"))  # (1 or T, B, S)
         scores = _Products.build(mask_bias.expand(steps, -1, -1), [keys.to(dtype).transpose(1, 2)])
         # eq. 5: W_c [c_t; h_t] = a_t (V W_c1^T) + h_t W_c2^T
         enc_dim = memory.enc_out.size(-1)

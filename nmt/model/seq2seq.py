@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.config import ModelConfig, encoder_output_dim
-from nmt.model.attention import EncoderMemory, build_attention
+from nmt.model.attention import EncoderMemory, build_attention, wait_k_mask
 from nmt.model.decoder import DECODERS, Decoder, DecoderState
-from nmt.model.encoder import Encoder
+from nmt.model.encoder import Encoder, EncoderState
 
 
 class Seq2Seq(nn.Module):
@@ -159,17 +159,24 @@ class Seq2Seq(nn.Module):
         return self._output_cache[1], self._output_cache[2]
 
     def encode(
-        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, wait_k: int | None = None
     ) -> tuple[EncoderMemory, DecoderState]:
         """Encodes a padded batch once for decoding.
 
         Args:
             src: (B, S) long; src_lengths: (B,) long; src_mask: (B, S) bool, True on real tokens.
+            wait_k: k of a wait-k decoder (a `uni` encoder only): its initial state comes from
+                the encoder's state after the first min(k, |x|) tokens, all it has read then.
         Returns:
             The encoder memory (keys projected once) and the decoder's initial state.
         """
         emb = self.embed_dropout(self.src_embed(src))  # (B, S, E)
         enc_out, final = self.encoder(emb, src_lengths)  # (B, S, He), (B, He)
+        if wait_k is not None:
+            if not self.encoder.streaming:
+                raise ValueError("wait-k needs an encoder with layout 'uni'")
+            read = src_lengths.to(enc_out.device).clamp(max=wait_k) - 1  # (B,)
+            final = enc_out[torch.arange(enc_out.size(0), device=enc_out.device), read]
         keys = self.decoder.attention.project_keys(enc_out)
         # training: the decoder's per-sequence dropout masks, drawn once for all its steps
         noise = self.decoder.sample_noise(src.size(0), emb)
@@ -177,28 +184,48 @@ class Seq2Seq(nn.Module):
         return memory, self.decoder.init_state(final)
 
     def _teacher_forced(
-        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
+        self,
+        src: Tensor,
+        src_lengths: Tensor,
+        src_mask: Tensor,
+        tgt_in: Tensor,
+        wait_k: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Decoder output vectors (B, T, H) and attention (B, T, S) under teacher forcing."""
-        memory, state = self.encode(src, src_lengths, src_mask)
+        """Decoder output vectors (B, T, H) and attention (B, T, S) under teacher forcing;
+        with `wait_k`, step t reads the first t + k source tokens only."""
+        memory, state = self.encode(src, src_lengths, src_mask, wait_k)
+        if wait_k is not None:
+            mask = wait_k_mask(tgt_in.size(1), src.size(1), wait_k, src.device)
+            memory = memory._replace(read_mask=mask)
         emb = self.embed_dropout(self.target_embedding(tgt_in))  # (B, T, E)
         return self.decoder(emb, state, memory)
 
     def forward_with_attention(
-        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
+        self,
+        src: Tensor,
+        src_lengths: Tensor,
+        src_mask: Tensor,
+        tgt_in: Tensor,
+        wait_k: int | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Teacher forcing. tgt_in: (B, T) = BOS + y. Returns logits (B, T, V), attn (B, T, S)."""
-        out, attn = self._teacher_forced(src, src_lengths, src_mask, tgt_in)
+        """Teacher forcing. tgt_in: (B, T) = BOS + y. Returns logits (B, T, V), attn (B, T, S).
+        wait_k: step t attends to the first t + k source tokens only (a `uni` encoder)."""
+        out, attn = self._teacher_forced(src, src_lengths, src_mask, tgt_in, wait_k)
         return self.output_logits(out), attn  # the projection runs once over all positions
 
     def features(
-        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, tgt_in: Tensor
+        self,
+        src: Tensor,
+        src_lengths: Tensor,
+        src_mask: Tensor,
+        tgt_in: Tensor,
+        wait_k: int | None = None,
     ) -> Tensor:
         """Teacher forcing up to, not including, the output matrix: (B, T, D) vectors with
         logits = F.linear(features, *self.output_weights()). D is the embedding width where
         `out_proj` maps the decoder output to it, else the decoder's output width. For a loss
         fused with the projection (`nmt.loss.fused_linear_smoothed_nll`)."""
-        out = self._teacher_forced(src, src_lengths, src_mask, tgt_in)[0]  # (B, T, H)
+        out = self._teacher_forced(src, src_lengths, src_mask, tgt_in, wait_k)[0]  # (B, T, H)
         return out if self.out_proj is None else self.out_proj(out)
 
     def forward(
@@ -208,13 +235,31 @@ class Seq2Seq(nn.Module):
         src_mask: Tensor,
         tgt_in: Tensor,
         features: bool = False,
+        wait_k: int | None = None,
     ) -> Tensor:
         """Teacher forcing on the fastest correct path. Returns logits (B, T, V), or with
         `features` the output matrix's inputs (B, T, D) instead (see `features`): a wrapper
-        such as DistributedDataParallel must see the forward it syncs gradients for."""
+        such as DistributedDataParallel must see the forward it syncs gradients for.
+        `wait_k`: wait-k teacher forcing (see `forward_with_attention`)."""
         if features:
-            return self.features(src, src_lengths, src_mask, tgt_in)
-        return self.forward_with_attention(src, src_lengths, src_mask, tgt_in)[0]
+            return self.features(src, src_lengths, src_mask, tgt_in, wait_k)
+        return self.forward_with_attention(src, src_lengths, src_mask, tgt_in, wait_k)[0]
+
+    def encode_more(
+        self, src: Tensor, state: EncoderState | None = None
+    ) -> tuple[Tensor, Tensor | None, EncoderState]:
+        """Encodes the next source tokens of a live source (a `uni` encoder): the same outputs
+        and keys as `encode` computes for those positions of the whole sentence.
+
+        Args:
+            src: (B, S') long, the next S' >= 1 tokens (no padding); state: from the last call,
+                or None at the start.
+        Returns:
+            enc_out (B, S', He), their keys (B, S', Ha) or None (dot score), the new state.
+        """
+        emb = self.embed_dropout(self.src_embed(src))  # (B, S', E)
+        enc_out, state = self.encoder.advance(emb, state)
+        return enc_out, self.decoder.attention.project_keys(enc_out), state
 
     def decode_step(
         self, prev_tokens: Tensor, state: DecoderState, memory: EncoderMemory

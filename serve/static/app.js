@@ -99,6 +99,7 @@ function fillCard(card, t) {
   card.querySelector(".translation-text").textContent = t.text;
   const meta = [];
   if (typeof t.score === "number") meta.push(`score ${t.score.toFixed(3)}`);
+  if (typeof t.confidence === "number") meta.push(`confidence ${Math.round(100 * t.confidence)}%`);
   if (t.finished === false) meta.push("cut at the maximum length");
   card.querySelector(".meta").textContent = meta.join(" · ");
   const list = card.querySelector(".nbest");
@@ -294,4 +295,102 @@ window.addEventListener("DOMContentLoaded", () => {
   });
   $("api-key").addEventListener("change", loadModel);
   loadModel();
+});
+
+// -- live mode: simultaneous translation over the /v1/translate/live WebSocket ----------------
+// The source box is sent as it is typed; the server commits target words once the wait-k policy
+// writes them and never revises them. Enter (or Translate) ends the sentence; editing text that
+// was already sent starts the sentence again.
+const live = { ws: null, sent: "", base: 0 }; // base: where the current sentence starts in the box
+
+function liveSend(ws, frame) {
+  if (ws.liveReady) ws.send(JSON.stringify(frame));
+  else ws.liveQueue.push(frame); // sent once the server says ready
+}
+
+function liveOpen() {
+  liveClose();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/v1/translate/live`);
+  live.ws = ws;
+  live.sent = "";
+  ws.liveReady = false;
+  ws.liveQueue = [];
+  $("live-output").textContent = "";
+  $("live-read").textContent = "";
+  ws.onopen = () => {
+    const k = parseInt($("live-k").value, 10) || 3;
+    ws.send(JSON.stringify({ type: "start", k, api_key: apiKey() || undefined }));
+  };
+  ws.onmessage = (ev) => {
+    const frame = JSON.parse(ev.data);
+    if (frame.type === "ready") {
+      ws.liveReady = true;
+      $("live-k").value = frame.k;
+      setStatus(`Live: wait-${frame.k}`);
+      for (const queued of ws.liveQueue.splice(0)) ws.send(JSON.stringify(queued));
+    } else if (frame.type === "words") {
+      const out = $("live-output");
+      out.textContent = (out.textContent ? out.textContent + " " : "") + frame.text;
+      $("live-read").textContent = `(${frame.source_words} source words read)`;
+    } else if (frame.type === "done") {
+      $("live-output").textContent = frame.text;
+      $("live-read").textContent = `(done: ${frame.source_words} source words)`;
+      if (ws !== live.ws) ws.close(); // an ended sentence's connection
+    } else if (frame.type === "error") {
+      setStatus(`${frame.error.message} (${frame.error.code})`, true);
+    }
+  };
+  ws.onclose = () => {
+    if (live.ws === ws) live.ws = null;
+  };
+}
+
+function liveClose() {
+  if (live.ws) live.ws.close();
+  live.ws = null;
+}
+
+function liveInput() {
+  const box = $("source").value;
+  if (box.length < live.base) live.base = 0; // the box was cleared or cut: start from its top
+  const text = box.slice(live.base);
+  if (!live.ws || !text.startsWith(live.sent)) {
+    liveOpen(); // the first keystroke, or an edit of text already sent: start again
+  }
+  const more = text.slice(live.sent.length);
+  if (more) {
+    liveSend(live.ws, { type: "text", text: more });
+    live.sent = text;
+  }
+}
+
+function liveEnd() {
+  if (live.ws) liveSend(live.ws, { type: "end" });
+  live.sent = "";
+  live.base = $("source").value.length;
+  live.ws = null; // the next keystroke opens a new sentence; this one gets its done frame
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  $("live").addEventListener("change", () => {
+    const on = $("live").checked;
+    $("live-panel").hidden = !on;
+    $("live-k-label").hidden = !on;
+    $("stream").disabled = on;
+    if (!on) liveClose();
+    else if ($("source").value) liveInput();
+  });
+  $("live-k").addEventListener("change", () => {
+    if ($("live").checked) liveOpen();
+  });
+  $("source").addEventListener("input", () => {
+    if ($("live").checked) liveInput();
+  });
+  $("source").addEventListener("keydown", (ev) => {
+    if ($("live").checked && ev.key === "Enter" && !ev.shiftKey && !ev.ctrlKey) {
+      ev.preventDefault();
+      liveEnd();
+    }
+  });
 });

@@ -1,0 +1,432 @@
+"""Simultaneous translation: wait-k decoding over a live source, and latency metrics (AL, AP, DAL).
+
+Wait-k (Ma et al., 2019, "STACL"): target step t (0-based) is written once the first t + k source
+subwords have been read, and attends to those only. Two implementations of the same rule:
+
+- `wait_k_search` decodes a batch of whole sentences offline, the source of step t hidden by a
+  mask (the reference the live policy is tested against, and a fast way to score a model);
+- `WaitKPolicy` is fed text as it arrives (typed, or from a speech recogniser), encodes each whole
+  word once a space or the end of input shows it is complete, advances the `uni` encoder over it
+  with its state carried, and writes greedily as soon as the rule allows. Output once written is
+  never revised.
+
+Both apply the same rules, so they give the same output for the same sentence however it is cut
+into pieces: EOS is not allowed while unread source remains (the decoder must not stop before the
+sentence ends), the length rule of `SearchOptions` (a, b, cap) and `min_len` apply, and the
+decoder's initial state comes from the encoder's state after the first min(k, |x|) tokens. Where
+the live policy cannot yet know whether the source is complete (exactly t + k tokens read, no end
+of input yet) and the model's best token is EOS, it waits for the next word or the end instead of
+guessing. Search's other options (beam, penalties, n-gram blocking, sampling) do not apply.
+
+Latency is measured as SimulEval does (`simuleval.evaluator.scorers.latency_scorer`): the delay of
+a target word is the number of source words read when it was released, a target word is released
+once it is known to be complete (the next subword starts a new word, or the output ended), and AL
+and AP divide by the reference's length in words where one is given (SimulEval's default).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from nmt.config import Config
+from nmt.model import EncoderMemory, Seq2Seq
+from nmt.model.decoder import DecoderState
+from nmt.model.encoder import EncoderState
+from nmt.search import EncodedSource, Hypothesis, SearchOptions, max_lengths
+from nmt.translate import Translator, autocast
+
+NEG_INF = float("-inf")
+WORD_START = "\u2581"  # SentencePiece's word-start mark
+
+
+# ---------------------------------------------------------------------------------------------
+# latency metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def average_lagging(
+    delays: Sequence[float], source_length: int, reference_length: int | None = None
+) -> float:
+    """Average Lagging (Ma et al., 2019, eq. 4), as SimulEval computes it:
+    AL = 1/tau sum_{i=1}^{tau} (d_i - (i - 1) / gamma), gamma = |Y| / |X|, tau the first i with
+    d_i >= |X|; |Y| is the reference's length when given, else the output's."""
+    if delays[0] > source_length:
+        return float(delays[0])
+    target_length = reference_length if reference_length is not None else len(delays)
+    gamma = target_length / source_length
+    total, tau = 0.0, 0
+    for i, d in enumerate(delays):
+        total += d - i / gamma
+        tau = i + 1
+        if d >= source_length:
+            break
+    return total / tau
+
+
+def average_proportion(
+    delays: Sequence[float], source_length: int, reference_length: int | None = None
+) -> float:
+    """Average Proportion (Cho and Esipova, 2016): sum_i d_i / (|X| |Y|), |Y| as in AL."""
+    target_length = reference_length if reference_length is not None else len(delays)
+    return sum(delays) / (source_length * target_length)
+
+
+def differentiable_average_lagging(delays: Sequence[float], source_length: int) -> float:
+    """Differentiable Average Lagging (Arivazhagan et al., 2019, eq. 5), as SimulEval computes
+    it: d'_1 = d_1, d'_i = max(d_i, d'_{i-1} + 1/gamma), DAL = 1/|Y| sum_i (d'_i - (i-1)/gamma),
+    gamma = |Y| / |X| with |Y| the output's length."""
+    gamma = len(delays) / source_length
+    total, previous = 0.0, 0.0
+    for i, d in enumerate(delays):
+        lagged = d if i == 0 else max(d, previous + 1 / gamma)
+        total += lagged - i / gamma
+        previous = lagged
+    return total / len(delays)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Corpus latency in source words: the mean over sentences with any output."""
+
+    al: float
+    ap: float
+    dal: float
+    sentences: int  # sentences the means are over
+
+
+def corpus_latency(
+    delays: Sequence[Sequence[float]],
+    source_lengths: Sequence[int],
+    reference_lengths: Sequence[int] | None = None,
+) -> Latency:
+    """AL, AP and DAL averaged over sentences, skipping those with no output or no source (as
+    SimulEval skips instances without delays)."""
+    al, ap, dal = [], [], []
+    for i, (d, n) in enumerate(zip(delays, source_lengths, strict=True)):
+        if not d or n == 0:
+            continue
+        ref = None if reference_lengths is None else max(reference_lengths[i], 1)
+        al.append(average_lagging(d, n, ref))
+        ap.append(average_proportion(d, n, ref))
+        dal.append(differentiable_average_lagging(d, n))
+    if not al:
+        return Latency(math.nan, math.nan, math.nan, 0)
+    return Latency(statistics.mean(al), statistics.mean(ap), statistics.mean(dal), len(al))
+
+
+# ---------------------------------------------------------------------------------------------
+# offline wait-k decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def check_streaming_model(model: object) -> Seq2Seq:
+    """`model` as a Seq2Seq whose encoder reads left to right; ValueError for any other."""
+    if not isinstance(model, Seq2Seq) or not model.encoder.streaming:
+        raise ValueError(
+            "simultaneous translation needs one model whose encoder reads left to right "
+            "(model.encoder.layout: uni); this one's encoder looks ahead"
+        )
+    return model
+
+
+def _eos_column(model: Seq2Seq, eos_id: int) -> int:
+    return eos_id if model.column_of is None else int(model.column_of[eos_id])
+
+
+def wait_k_search(
+    model: Seq2Seq, batch: EncodedSource, k: int, options: SearchOptions
+) -> list[Hypothesis]:
+    """Greedy wait-k decoding of whole sentences: step t reads the first min(t + k, |x|)
+    source tokens. Returns one hypothesis per sentence, in input order (see the module
+    docstring for the rules; `WaitKPolicy` gives the same output over a live source)."""
+    if k < 1:
+        raise ValueError(f"wait-k needs k >= 1, got {k}")
+    model = check_streaming_model(model)
+    src_mask = batch.src_mask
+    device = src_mask.device
+    lengths = batch.src_lengths.to(device)
+    memory, state = model.encode(batch.src, batch.src_lengths, src_mask, wait_k=k)
+    limits = torch.tensor(
+        max_lengths(batch.src_lengths, options.max_len_a, options.max_len_b, options.max_len_cap),
+        device=device,
+    )
+    eos_col = _eos_column(model, batch.eos_id)
+    rows = src_mask.size(0)
+    positions = torch.arange(src_mask.size(1), device=device)
+    prev = torch.full((rows,), batch.bos_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    scores = torch.zeros(rows, device=device)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    finished = [True] * rows
+    for t in range(int(limits.max()) + 1):
+        step_memory = memory._replace(src_mask=src_mask & (positions < t + k))
+        out, state, _ = model.decode_step(prev, state, step_memory)
+        log_probs = model.output_logits(out).float().log_softmax(dim=-1)  # (B, V)
+        eos_raw = log_probs[:, eos_col].clone()
+        no_eos = lengths > t + k if t >= options.min_len else torch.ones_like(done)
+        log_probs[:, eos_col] = log_probs[:, eos_col].masked_fill(no_eos, NEG_INF)
+        forced = limits <= t  # the length rule ends the sentence here
+        cols = torch.where(forced, eos_col, log_probs.argmax(dim=-1))
+        step_scores = torch.where(forced, eos_raw, log_probs.gather(1, cols[:, None])[:, 0])
+        scores += step_scores.masked_fill(done, 0.0)
+        ids = model.token_ids(cols)
+        for i in (~done).nonzero()[:, 0].tolist():
+            if int(cols[i]) == eos_col:
+                finished[i] = not bool(forced[i])
+            else:
+                tokens[i].append(int(ids[i]))
+        done |= cols == eos_col
+        if bool(done.all()):
+            break
+        prev = ids
+    return [
+        Hypothesis(tokens[i], float(scores[i]), float(scores[i]), finished=finished[i])
+        for i in range(rows)
+    ]
+
+
+def translate_wait_k(
+    translator: Translator, texts: list[str], k: int, options: SearchOptions | None = None
+) -> list[str]:
+    """Offline wait-k translations of whole sentences (`wait_k_search`), detokenised."""
+    if not texts:
+        return []
+    ids = translator.tokenizer.encode_src(texts)
+    batch = translator._batch(ids)
+    with torch.no_grad(), autocast(translator.device, translator.precision):
+        hyps = wait_k_search(
+            check_streaming_model(translator.model), batch, k, options or translator.options
+        )
+    return translator.tokenizer.decode_tgt([h.tokens for h in hyps])
+
+
+# ---------------------------------------------------------------------------------------------
+# the live policy
+# ---------------------------------------------------------------------------------------------
+
+
+class SourceTooLongError(ValueError):
+    """The live source passed the policy's limit on source subwords."""
+
+
+@dataclass
+class _Decoder:
+    """The decoder side of a live sentence: its state and what it has written."""
+
+    state: DecoderState | None = None
+    prev: int = 0  # the last written token (BOS at the start)
+    tokens: list[int] = field(default_factory=list)
+    ended: bool = False  # EOS was written (or forced by the length rule)
+
+
+class WaitKPolicy:
+    """Wait-k over a live source, one sentence at a time: `feed(text)` as text arrives,
+    `finish()` at the end of input; both return the target words they committed.
+
+    Only whole words are encoded: a word still being typed waits for the space (or the end of
+    input) that completes it. Not thread-safe: one policy per sentence, used by one thread.
+
+    Args:
+        translator: a loaded model with a `uni` encoder (not an ensemble) and its tokenizer.
+        k: source subwords read ahead of the target; k >= 1.
+        options: the length rule and min_len (default: the translator's own).
+        max_source_tokens: a limit on the sentence's source subwords; passing it raises
+            `SourceTooLongError`.
+    """
+
+    def __init__(
+        self,
+        translator: Translator,
+        k: int,
+        options: SearchOptions | None = None,
+        max_source_tokens: int | None = None,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"wait-k needs k >= 1, got {k}")
+        self.model = check_streaming_model(translator.model)
+        self.translator = translator
+        self.tokenizer = translator.tokenizer
+        self.k = k
+        self.options = options or translator.options
+        self.max_source_tokens = max_source_tokens
+        self.source_words = 0  # whole words read (encoded) so far
+        self.source_ended = False  # the end of input has arrived
+        self._pending = ""  # text of the word still being typed
+        self._enc_state: EncoderState | None = None
+        self._enc_out: list[Tensor] = []  # (1, S', He) pieces
+        self._keys: list[Tensor] = []  # (1, S', Ha) pieces (none for the dot score)
+        self._memory: tuple[Tensor, Tensor | None] | None = None  # the pieces joined, cached
+        self._read = 0  # source subwords read
+        self._decoder = _Decoder(prev=self.tokenizer.bos_id)
+        self._released: list[str] = []  # target words committed so far
+        self._eos_col = _eos_column(self.model, self.tokenizer.eos_id)
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """The sentence is finished: end of input, and everything written."""
+        return self.source_ended and (self._decoder.ended or self._read == 0)
+
+    @property
+    def text(self) -> str:
+        """The committed translation so far."""
+        return " ".join(self._released)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The target subwords written so far (EOS not included)."""
+        return list(self._decoder.tokens)
+
+    def feed(self, text: str) -> list[str]:
+        """Takes the next piece of source text; returns the target words it lets the policy
+        commit (possibly none)."""
+        if self.source_ended:
+            raise ValueError("the input has ended; start a new policy for the next sentence")
+        self._pending += text
+        cut = max((i for i, ch in enumerate(self._pending) if ch.isspace()), default=-1)
+        if cut < 0:
+            return []
+        words, self._pending = self._pending[:cut].split(), self._pending[cut + 1 :]
+        return self._advance(words)
+
+    def finish(self) -> list[str]:
+        """The end of input: reads the last word and writes to the end; returns the rest."""
+        if self.source_ended:
+            return []
+        words = self._pending.split()
+        self._pending = ""
+        self.source_ended = True
+        return self._advance(words)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _advance(self, words: list[str]) -> list[str]:
+        with torch.no_grad(), autocast(self.translator.device, self.translator.precision):
+            if words:
+                self._read_words(words)
+            self._write()
+        return self._release()
+
+    def _read_words(self, words: list[str]) -> None:
+        ids = [t for piece in self.tokenizer.encode_src(words) for t in piece]
+        if self.max_source_tokens is not None and self._read + len(ids) > self.max_source_tokens:
+            raise SourceTooLongError(
+                f"the source is {self._read + len(ids)} subwords long; the limit is "
+                f"{self.max_source_tokens} (end the sentence sooner)"
+            )
+        self.source_words += len(words)
+        if not ids:
+            return
+        src = torch.tensor([ids], dtype=torch.long, device=self.translator.device)
+        enc_out, keys, self._enc_state = self.model.encode_more(src, self._enc_state)
+        self._enc_out.append(enc_out)
+        if keys is not None:
+            self._keys.append(keys)
+        self._memory = None
+        self._read += len(ids)
+
+    def _source(self, n: int) -> EncoderMemory:
+        """The encoder memory of the first n source tokens."""
+        if self._memory is None:
+            keys = torch.cat(self._keys, dim=1) if self._keys else None
+            self._memory = (torch.cat(self._enc_out, dim=1), keys)
+        enc_out, keys = self._memory
+        mask = torch.ones(1, n, dtype=torch.bool, device=enc_out.device)
+        return EncoderMemory(enc_out[:, :n], mask, None if keys is None else keys[:, :n])
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _limit(self, n: int) -> int:
+        """The length rule's output limit for a source of n subwords."""
+        o = self.options
+        return max_lengths(torch.tensor([n]), o.max_len_a, o.max_len_b, o.max_len_cap)[0]
+
+    def _write(self) -> None:
+        """Writes every step the read source allows (see the module docstring)."""
+        dec, k, n = self._decoder, self.k, self._read
+        while not dec.ended and n > 0:
+            t = len(dec.tokens)
+            if not self.source_ended and (n < t + k or t >= self._limit(n)):
+                return  # wait for more source
+            if self.source_ended and t >= self._limit(n):
+                dec.ended = True  # the length rule ends the sentence (EOS forced)
+                return
+            if dec.state is None:
+                enc_out = self._source(n).enc_out
+                dec.state = self.model.decoder.init_state(enc_out[:, min(k, n) - 1])
+            prev = torch.tensor([dec.prev], dtype=torch.long, device=self.translator.device)
+            out, state, _ = self.model.decode_step(prev, dec.state, self._source(min(t + k, n)))
+            log_probs = self.model.output_logits(out)[0].float()  # (V,), argmax only
+            unread = t + k < n  # the source goes on beyond what step t reads
+            if unread or t < self.options.min_len:
+                log_probs[self._eos_col] = NEG_INF
+            col = int(log_probs.argmax())
+            if col == self._eos_col and not self.source_ended:
+                return  # EOS is only right if the source ends here: wait and see
+            dec.state = state
+            if col == self._eos_col:
+                dec.ended = True
+                return
+            token = int(self.model.token_ids(torch.tensor(col)))
+            dec.tokens.append(token)
+            dec.prev = token
+
+    def _release(self) -> list[str]:
+        """The target words newly known to be complete."""
+        tokens = self._decoder.tokens
+        if not (self._decoder.ended or self.done):
+            pieces = self.tokenizer.tgt_pieces(tokens)
+            starts = [i for i, piece in enumerate(pieces) if piece.startswith(WORD_START)]
+            tokens = tokens[: starts[-1]] if starts else []  # the last word may go on
+        words = self.tokenizer.decode_tgt([tokens])[0].split() if tokens else []
+        new = words[len(self._released) :]
+        self._released.extend(new)
+        return new
+
+
+def default_wait_k(cfg: Config) -> int:
+    """A model's k for live translation: its training k; for a multi-k model, 3 within its
+    range; 3 for a model trained on full sentences."""
+    wait_k = cfg.train.wait_k
+    if isinstance(wait_k, int):
+        return wait_k
+    if wait_k is None:
+        return 3
+    return min(max(3, wait_k[0]), wait_k[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# simulation over a corpus
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Simulation:
+    """One sentence translated with its source revealed one word at a time."""
+
+    text: str
+    delays: list[int]  # per target word, source words read when it was released
+    source_length: int  # source words
+
+
+def simulate(
+    translator: Translator, source: str, k: int, options: SearchOptions | None = None
+) -> Simulation:
+    """Feeds `source` to a `WaitKPolicy` one word at a time (as SimulEval's text evaluation
+    does) and records when each target word was released."""
+    policy = WaitKPolicy(translator, k, options)
+    words = source.split()
+    delays: list[int] = []
+    for word in words:
+        released = policy.feed(word + " ")
+        delays += [policy.source_words] * len(released)
+    released = policy.finish()
+    delays += [policy.source_words] * len(released)
+    return Simulation(policy.text, delays, len(words))

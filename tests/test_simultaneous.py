@@ -1,0 +1,370 @@
+"""Simultaneous translation: the streaming encoder, the wait-k mask, the live policy, latency."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nmt.cli import main
+from nmt.config import ConfigError, load_config
+from nmt.model import Seq2Seq, build_model
+from nmt.model.attention import wait_k_mask
+from nmt.simultaneous import (
+    WaitKPolicy,
+    average_lagging,
+    average_proportion,
+    corpus_latency,
+    differentiable_average_lagging,
+    simulate,
+    translate_wait_k,
+    wait_k_search,
+)
+from nmt.train import wait_k_of_step
+from nmt.translate import Translator
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+VOCAB, PAD = 40, 0
+
+# (name, overrides): every attention arrangement and both teacher-forcing paths of Luong
+VARIANTS = [
+    ("luong", []),  # whole-sequence fast path
+    ("luong-input-feeding", ["model.decoder.input_feeding=true"]),  # fused step loop
+    (
+        "luong-dot-input-feeding",
+        [
+            "model.decoder.input_feeding=true",
+            "model.attention.score=dot",
+            "model.decoder.hidden_dim=32",
+        ],
+    ),  # fmt: skip
+    ("bahdanau", ["model.attention.type=bahdanau", "model.attention.score=additive"]),
+    ("gnmt", ["model.attention.type=gnmt"]),
+    ("lstm_ln", ["model.cell=lstm_ln"]),
+    ("gru", ["model.cell=gru"]),
+]
+
+
+def uni_model(overrides: list[str], seed: int = 0) -> Seq2Seq:
+    cfg = load_config(TINY, ["model.encoder.layout=uni", "model.encoder.num_layers=3", *overrides])
+    torch.manual_seed(seed)
+    return build_model(cfg.model, VOCAB, VOCAB, PAD).eval()
+
+
+def padded_batch(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, VOCAB, (len(lengths), max(lengths)), generator=gen)
+    lens = torch.tensor(lengths)
+    mask = torch.arange(max(lengths)) < lens[:, None]
+    return src.masked_fill(~mask, PAD), lens, mask
+
+
+def train_tiny_waitk(toy_corpus: Path, base: Path) -> Path:
+    """configs/tiny.yaml with a `uni` encoder, trained multi-k (k in 1..4) on the toy corpus;
+    kept under `base`, so the test modules that need it train it once per session."""
+    from nmt.train import train
+
+    run = base / "tiny-waitk-run"
+    if not (run / "model" / "model.safetensors").exists():
+        cfg = load_config(TINY, [f"data.corpus={toy_corpus}", "model.encoder.layout=uni",
+                                 "train.wait_k=[1, 4]", "train.max_steps=150",
+                                 "train.valid_every=150", "train.valid_max_sentences=10"])  # fmt: skip
+        train(cfg, run, progress=False)
+    return run / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_waitk_model_dir(toy_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_waitk(toy_corpus, tmp_path_factory.getbasetemp())
+
+
+# -- the streaming encoder ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_ln", "gru"])
+def test_incremental_encoding_equals_whole_sequence_encoding(cell: str) -> None:
+    model = uni_model([f"model.cell={cell}"])
+    src, lens, mask = padded_batch([7, 4])
+    with torch.no_grad():
+        whole, _ = model.encode(src, lens, mask)
+        for row, n in enumerate(lens.tolist()):
+            pieces, keys, state = [], [], None
+            start = 0
+            for size in (1, 2, 1, 3):  # token by token and a few at once
+                stop = min(start + size, n)
+                if start >= stop:
+                    break
+                out, k, state = model.encode_more(src[row : row + 1, start:stop], state)
+                pieces.append(out)
+                keys.append(k)
+                start = stop
+            assert state is not None and state.length == n
+            enc = torch.cat(pieces, dim=1)[0]
+            torch.testing.assert_close(enc, whole.enc_out[row, :n], rtol=1e-5, atol=1e-6)
+            assert whole.keys is not None
+            torch.testing.assert_close(
+                torch.cat(keys, dim=1)[0], whole.keys[row, :n], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_a_bidirectional_encoder_refuses_to_advance() -> None:
+    cfg = load_config(TINY)
+    model = build_model(cfg.model, VOCAB, VOCAB, PAD)
+    with pytest.raises(ValueError, match="layout 'uni'"):
+        model.encode_more(torch.tensor([[5, 6]]))
+
+
+# -- the wait-k mask ----------------------------------------------------------------------------
+
+
+def step_loop(model: Seq2Seq, src, lens, mask, tgt_in, k: int):  # type: ignore[no-untyped-def]
+    """Logits and attention of the step loop that wait-k decoding runs: step t's memory shows
+    the first t + k source tokens."""
+    memory, state = model.encode(src, lens, mask, wait_k=k)
+    positions = torch.arange(src.size(1))
+    logits, attns = [], []
+    for t in range(tgt_in.size(1)):
+        step_memory = memory._replace(src_mask=mask & (positions < t + k))
+        out, state, attn = model.step(tgt_in[:, t], state, step_memory)
+        logits.append(out)
+        attns.append(attn)
+    return torch.stack(logits, 1), torch.stack(attns, 1)
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_wait_k_mask_hides_exactly_the_unread_source(
+    name: str, overrides: list[str], k: int
+) -> None:
+    model = uni_model(overrides)
+    src, lens, mask = padded_batch([6, 3, 5])
+    tgt_in = torch.randint(4, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, attn = model.forward_with_attention(src, lens, mask, tgt_in, wait_k=k)
+        for b, n in enumerate(lens.tolist()):
+            for t in range(tgt_in.size(1)):
+                read = min(t + k, n)
+                assert bool((attn[b, t, :read] > 0).all()), (b, t)
+                assert bool((attn[b, t, read:] == 0).all()), (b, t)
+                assert float(attn[b, t].sum()) == pytest.approx(1.0, abs=1e-5)
+        # the teacher-forced paths (fast or looped) and the decoding step agree
+        loop_logits, loop_attn = step_loop(model, src, lens, mask, tgt_in, k)
+    torch.testing.assert_close(logits, loop_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(attn, loop_attn, rtol=1e-4, atol=1e-5)
+
+
+def test_wait_k_at_least_the_source_length_is_full_sentence_training() -> None:
+    model = uni_model(["model.decoder.input_feeding=true"])
+    src, lens, mask = padded_batch([6, 3])
+    tgt_in = torch.randint(4, VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(src, lens, mask, tgt_in)
+        waited = model(src, lens, mask, tgt_in, wait_k=6)
+    torch.testing.assert_close(full, waited)
+
+
+def test_wait_k_mask_rows() -> None:
+    assert wait_k_mask(3, 4, 2).tolist() == [
+        [True, True, False, False],
+        [True, True, True, False],
+        [True, True, True, True],
+    ]
+
+
+def test_train_wait_k_config_and_per_batch_draws() -> None:
+    cfg = load_config(TINY, ["model.encoder.layout=uni", "train.wait_k=[2, 5]"])
+    assert cfg.train.wait_k == (2, 5)
+    draws = {wait_k_of_step(cfg.train.wait_k, 7, step) for step in range(200)}
+    assert draws == {2, 3, 4, 5}
+    assert wait_k_of_step((2, 5), 7, 11) == wait_k_of_step((2, 5), 7, 11)  # resumable
+    assert wait_k_of_step(3, 7, 11) == 3 and wait_k_of_step(None, 7, 11) is None
+    with pytest.raises(ConfigError, match="layout: uni"):
+        load_config(TINY, ["train.wait_k=3"])
+    with pytest.raises(ConfigError, match="train.wait_k"):
+        load_config(TINY, ["model.encoder.layout=uni", "train.wait_k=[4, 2]"])
+
+
+# -- the live policy against offline wait-k ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def waitk_translator(tiny_waitk_model_dir: Path) -> Translator:
+    return Translator.load(tiny_waitk_model_dir)
+
+
+SENTENCES = [
+    "El gato come pan hoy.",
+    "La niña busca una casa mañana.",
+    "Mi amigo tiene flores.",
+    "El hombre ve la luna ahora.",
+    "Agua.",
+]
+
+
+def offline(translator: Translator, text: str, k: int) -> list[int]:
+    batch = translator._batch(translator.tokenizer.encode_src([text]))
+    with torch.no_grad():
+        (hyp,) = wait_k_search(translator.model, batch, k, translator.options)  # type: ignore[arg-type]
+    return hyp.tokens
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 30])
+def test_the_live_policy_fed_a_whole_sentence_at_once_matches_offline_wait_k(
+    waitk_translator: Translator, k: int
+) -> None:
+    for text in SENTENCES:
+        policy = WaitKPolicy(waitk_translator, k)
+        words = policy.feed(text) + policy.finish()
+        assert policy.tokens == offline(waitk_translator, text, k), text
+        assert " ".join(words) == waitk_translator.tokenizer.decode_tgt([policy.tokens])[0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_live_policy_fed_word_by_word_or_typed_gives_the_same_output(
+    waitk_translator: Translator, k: int
+) -> None:
+    for text in SENTENCES:
+        expected = offline(waitk_translator, text, k)
+        by_word = WaitKPolicy(waitk_translator, k)
+        released, delays = [], []
+        for word in text.split():
+            words = by_word.feed(word + " ")
+            released += words
+            delays += [by_word.source_words] * len(words)
+        released += by_word.finish()
+        delays += [by_word.source_words] * (len(released) - len(delays))
+        assert by_word.tokens == expected, text
+        assert simulate(waitk_translator, text, k).delays == delays
+        typed = WaitKPolicy(waitk_translator, k)
+        for ch in text:  # one character at a time, as typed
+            typed.feed(ch)
+        typed.finish()
+        assert typed.tokens == expected and typed.text == " ".join(released), text
+
+
+def test_the_batched_offline_search_matches_one_sentence_at_a_time(
+    waitk_translator: Translator,
+) -> None:
+    texts = translate_wait_k(waitk_translator, SENTENCES, 2)
+    singles = [waitk_translator.tokenizer.decode_tgt([offline(waitk_translator, t, 2)])[0]
+               for t in SENTENCES]  # fmt: skip
+    assert texts == singles
+    assert any(t.strip() for t in texts)
+
+
+def test_a_word_is_encoded_only_once_complete_and_output_is_never_revised(
+    waitk_translator: Translator,
+) -> None:
+    policy = WaitKPolicy(waitk_translator, 1)
+    assert policy.feed("El ga") == [] and policy.source_words == 1
+    policy.feed("to")
+    assert policy.source_words == 1  # "gato" may still go on
+    shown: list[str] = []
+    for chunk in [" come", " pan ", "hoy."]:
+        shown += policy.feed(chunk)
+        assert policy.text == " ".join(shown)  # committed text only grows
+    shown += policy.finish()
+    assert policy.source_words == 5 and policy.done
+    assert policy.text == " ".join(shown) and shown
+    with pytest.raises(ValueError, match="ended"):
+        policy.feed("más")
+
+
+def test_the_policy_refuses_a_source_over_its_limit(waitk_translator: Translator) -> None:
+    from nmt.simultaneous import SourceTooLongError
+
+    policy = WaitKPolicy(waitk_translator, 2, max_source_tokens=4)
+    with pytest.raises(SourceTooLongError, match="limit is 4"):
+        policy.feed("El gato come pan hoy mañana ahora ")
+
+
+def test_a_bidirectional_model_cannot_translate_live(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="layout: uni"):
+        WaitKPolicy(Translator.load(tiny_model_dir), 3)
+
+
+# -- latency metrics ----------------------------------------------------------------------------
+
+
+def test_latency_metrics_equal_hand_computed_values() -> None:
+    # 4 source words, 4 target words written after reading 2, 3, 4, 4 words (wait-2)
+    delays, src_len = [2, 3, 4, 4], 4
+    # gamma = 1: AL = ((2 - 0) + (3 - 1) + (4 - 2)) / 3, stopping at the first d = |X|
+    assert average_lagging(delays, src_len) == pytest.approx(2.0)
+    assert average_proportion(delays, src_len) == pytest.approx(13 / 16)
+    # d' = 2, 3, 4, 5: DAL = (2 + 2 + 2 + 2) / 4
+    assert differentiable_average_lagging(delays, src_len) == pytest.approx(2.0)
+    # against a 2-word reference: gamma = 1/2, AL = ((2 - 0) + (3 - 2) + (4 - 4)) / 3
+    assert average_lagging(delays, src_len, reference_length=2) == pytest.approx(1.0)
+    assert average_proportion(delays, src_len, reference_length=2) == pytest.approx(13 / 8)
+    # 2 source words, 3 target words after reading 1, 2, 2: gamma = 3/2
+    assert average_lagging([1, 2, 2], 2) == pytest.approx(((1 - 0) + (2 - 2 / 3)) / 2)
+    # d' = 1, 2, 2 + 2/3: DAL = (1 + (2 - 2/3) + (8/3 - 4/3)) / 3
+    assert differentiable_average_lagging([1, 2, 2], 2) == pytest.approx(11 / 9)
+    lat = corpus_latency([[2, 3, 4, 4], [], [1, 2, 2]], [4, 3, 2])
+    assert lat.sentences == 2 and lat.al == pytest.approx((2.0 + 7 / 6) / 2)
+
+
+# a real output: the tiny wait-k model of these tests (`train_tiny_waitk`) translating the first
+# toy test sentences with k = 2 (`simulate`): (delays, source words, reference words), and
+# SimulEval 1.1.4's ALScorer / APScorer / DALScorer on them (run once, with its default
+# use_ref_len), e.g. 'Mi amigo busca un libro ahora.' -> 'My friend wants a house...'
+REAL_DELAYS = [([2, 3, 4, 4], 4, 4), ([2, 3, 5, 6, 6], 6, 7), ([2, 5, 5, 5], 5, 5)]
+SIMULEVAL = [
+    (2.0, 0.8125, 2.0),
+    (2.7142857142857144, 0.5238095238095238, 2.3600000000000003),
+    (3.0, 0.68, 3.3125),
+]
+
+
+def test_latency_metrics_equal_simuleval_on_a_real_output() -> None:
+    for (delays, src_len, ref_len), (al, ap, dal) in zip(REAL_DELAYS, SIMULEVAL, strict=True):
+        assert average_lagging(delays, src_len, ref_len) == pytest.approx(al)
+        assert average_proportion(delays, src_len, ref_len) == pytest.approx(ap)
+        assert differentiable_average_lagging(delays, src_len) == pytest.approx(dal)
+
+
+def test_latency_metrics_equal_the_installed_simuleval(waitk_translator: Translator) -> None:
+    scorers = pytest.importorskip("simuleval.evaluator.scorers.latency_scorer")
+    refs = ["The cat eats bread today.", "The girl looks for a house tomorrow.", "Bread."]
+    for source, ref in zip(SENTENCES[:2] + SENTENCES[-1:], refs, strict=True):
+        for k in (1, 3):
+            sim = simulate(waitk_translator, source, k)
+            if not sim.delays:
+                continue
+            ins = SimpleNamespace(delays=sim.delays, source_length=sim.source_length,
+                                  reference=ref, reference_length=len(ref.split()))  # fmt: skip
+            ref_len = len(ref.split())
+            ours = [average_lagging(sim.delays, sim.source_length, ref_len),
+                    average_proportion(sim.delays, sim.source_length, ref_len),
+                    differentiable_average_lagging(sim.delays, sim.source_length)]  # fmt: skip
+            theirs = [scorers.ALScorer().compute(ins), scorers.APScorer().compute(ins),
+                      scorers.DALScorer().compute(ins)]  # fmt: skip
+            assert ours == pytest.approx(theirs)
+
+
+def test_evaluate_with_wait_k_reports_bleu_and_latency(
+    tiny_waitk_model_dir: Path, toy_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src, ref = tmp_path / "src.es", tmp_path / "ref.en"
+    src.write_text(
+        "".join(line + "\n" for line in (toy_corpus / "test.es").read_text().split("\n")[:8])
+    )
+    ref.write_text(
+        "".join(line + "\n" for line in (toy_corpus / "test.en").read_text().split("\n")[:8])
+    )
+    out = tmp_path / "hyp.en"
+    code = main(["evaluate", "--model", str(tiny_waitk_model_dir), "--src", str(src), "--ref",
+                 str(ref), "--wait-k", "2", "--json", "--bootstrap", "0", "--output", str(out)])  # fmt: skip
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    lat = report["latency"]
+    assert lat["wait_k"] == 2 and lat["sentences"] == 8
+    assert 0 < lat["ap"] <= 1.5 and math.isfinite(lat["al"]) and lat["dal"] >= 1
+    translator = Translator.load(tiny_waitk_model_dir)
+    sources = src.read_text().splitlines()
+    assert out.read_text().splitlines() == [simulate(translator, s, 2).text for s in sources]
