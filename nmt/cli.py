@@ -25,7 +25,7 @@ def _add_model_options(p: argparse.ArgumentParser, required: bool = True) -> Non
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 uses autocast (fast on CPUs with AMX and on GPUs)")  # fmt: skip
     p.add_argument("--quantize", action="store_true",
-                   help="int8 dynamic quantisation of LSTM/linear layers (CPU)")  # fmt: skip
+                   help="removed: int8 runs in ONNX Runtime (`nmt export --int8`)")  # fmt: skip
 
 
 def _add_search_options(p: argparse.ArgumentParser) -> None:
@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes (each loads the model)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None)
-    p.add_argument("--quantize", action="store_true")
+    p.add_argument("--quantize", action="store_true",
+                   help="removed: int8 runs in ONNX Runtime (`nmt export --int8`)")  # fmt: skip
     p.add_argument("--device", default=None)
     p.add_argument("--wait-for-model", type=float, default=None, metavar="SECONDS",
                    help="if the model fails to load, keep serving (ready 503) and retry every "
@@ -472,7 +473,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value:
             os.environ[name] = value
     if args.quantize:
-        os.environ["NMT_QUANTIZE"] = "1"
+        from nmt.translate import INT8_MOVED
+
+        raise ValueError(INT8_MOVED)
     if args.wait_for_model is not None:
         os.environ["NMT_LOAD_RETRY_S"] = str(args.wait_for_model)
     print(f"serving {models} on http://{args.host}:{args.port}/  (API docs at /docs)")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -84,16 +84,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """int8 dynamic quantisation of the LSTM/GRU and linear layers (CPU inference only)."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():  # torch.ao is deprecated in favour of torchao; still works
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return quantize_dynamic(model, {nn.LSTM, nn.GRU, nn.Linear}, dtype=torch.qint8)
+INT8_MOVED = (
+    "int8 now runs in ONNX Runtime: `nmt export --model DIR --format onnx --int8 --out DIR2`, "
+    "then translate or serve DIR2 (torch.ao.quantization is deprecated; see BENCHMARKS.md)"
+)
 
 
 def decode_options(cfg: DecodeConfig, length_ratio: Sequence[float] | None) -> SearchOptions:
@@ -154,8 +148,8 @@ class Translator:
         if not dirs:
             raise ValueError("no model directory given")
         dev = resolve_device(device)
-        if quantize and dev.type != "cpu":
-            raise ValueError("int8 quantisation runs on the CPU only; use --device cpu")
+        if quantize:
+            raise ValueError(INT8_MOVED)
         models: list[Seq2Seq] = []
         first: tuple[Config, dict[str, Any], Tokenizer] | None = None
         for d in dirs:
@@ -171,8 +165,6 @@ class Translator:
             )
             load_weights(model, d / "model.safetensors")
             model = model.to(dev).eval()
-            if quantize:
-                model = cast(Seq2Seq, quantize_dynamic_int8(model))
             models.append(model)
             if first is None:
                 first = (cfg, meta, tokenizer)

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     model_dir: str | Path | None = None
     device: str = "cpu"  # cpu, cuda, cuda:1 or auto
     precision: Literal["fp32", "bf16"] = "fp32"
-    quantize: bool = False  # int8 dynamic quantisation (CPU)
+    quantize: bool = False  # removed: int8 runs in ONNX Runtime (serve an `nmt export --int8` dir)
     torch_threads: int = Field(default=0, ge=0)  # intra-op CPU threads; 0: torch's default
     warmup: bool = True  # translate one sentence before reporting ready (builds CPU kernels)
 
@@ -147,6 +147,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue ({self.max_queue}) must be at least max_texts ({self.max_texts}), "
                 "or a full-size request could never be queued"
+            )
+        if self.quantize:
+            raise ValueError(
+                "NMT_QUANTIZE was removed: int8 runs in ONNX Runtime now; export the model with "
+                "`nmt export --model DIR --format onnx --int8 --out DIR2` and serve DIR2"
             )
         return self
 

@@ -447,18 +447,3 @@ def test_gnmt_8layer_runs_forward_and_backward():
     loss.backward()
     top = dict(model.encoder.layers[-1].named_parameters())["weight_hh_l0"]
     assert top.grad is not None and top.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_steps_after_int8_dynamic_quantisation(cell: str):
-    from torch.ao.quantization import quantize_dynamic
-
-    model = make_model(cell, "luong-general", "gnmt").eval()
-    batch = toy_batch(torch.Generator().manual_seed(6), batch=3)
-    args = (batch["src"], batch["src_lengths"], batch["src_mask"])
-    with torch.no_grad():
-        expected = model(*args, batch["tgt_in"])
-        quantized = quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear})
-        memory, state = quantized.encode(*args)
-        logits, _, _ = quantized.step(batch["tgt_in"][:, 0], state, memory)
-    torch.testing.assert_close(logits, expected[:, 0], atol=0.1, rtol=0.1)

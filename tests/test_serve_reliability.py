@@ -471,3 +471,8 @@ def test_a_concurrent_load_of_mixed_requests_loses_none(translator: Translator) 
     with serve_in_thread(app) as url:
         asyncio.run(scenario(url))
     assert len(seen) == 100 and 200 in seen
+
+
+def test_the_removed_int8_setting_says_where_int8_went() -> None:
+    with pytest.raises(ValueError, match="NMT_QUANTIZE was removed: int8 runs in ONNX Runtime"):
+        settings_from(quantize=True)

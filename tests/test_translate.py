@@ -237,10 +237,13 @@ def test_info_counts_add_up(capsys):
     assert counts["total"] > 10_000_000
 
 
-def test_bf16_and_int8_translators_run(tiny_model_dir: Path, sentences: list[str]):
+def test_bf16_translator_runs_and_int8_points_to_onnx(tiny_model_dir: Path, sentences: list[str]):
+    with pytest.raises(ValueError, match="int8 now runs in ONNX Runtime: `nmt export"):
+        Translator.load(tiny_model_dir, quantize=True)
+    assert main(["translate", "--model", str(tiny_model_dir), "--quantize"]) == 2
     fp32_translator = Translator.load(tiny_model_dir)
     fp32 = fp32_translator.translate(sentences[:4], fp32_translator.with_options(beam_size=2))
-    for kwargs in ({"precision": "bf16"}, {"quantize": True}):
+    for kwargs in ({"precision": "bf16"},):
         other = Translator.load(tiny_model_dir, **kwargs)
         out = other.translate(sentences[:4], other.with_options(beam_size=2))
         assert len(out) == len(fp32) and all(isinstance(r.text, str) for r in out)
