@@ -21,7 +21,7 @@ import torch
 
 from nmt.config import ModelConfig
 
-GATES = {"lstm": 4, "gru": 3}
+GATES = {"lstm": 4, "gru": 3, "lstm_ln": 4, "lstm_peephole": 4, "lstm_cifg": 3}  # gate blocks of W
 
 
 @dataclass(frozen=True)
