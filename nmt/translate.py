@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,27 +17,13 @@ from torch import Tensor, nn
 from nmt.checkpoint import load_weights, read_model_dir
 from nmt.config import Config, DecodeConfig
 from nmt.model import Seq2Seq, build_model, count_parameters
+from nmt.results import TranslationResult, batched
 from nmt.search import EncodedSource, Ensemble, SearchOptions, search
 from nmt.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
-
-
-@dataclass
-class TranslationResult:
-    """One source sentence's translation, with n-best alternatives and optional alignments."""
-
-    text: str
-    score: float
-    n_best: list[tuple[str, float]] = field(default_factory=list)
-    src_tokens: list[str] = field(default_factory=list)
-    tgt_tokens: list[str] = field(default_factory=list)
-    attention: list[list[float]] | None = None  # (T, S) over subwords, EOS row included
-    finished: bool = True  # False when the output hit the maximum length before EOS
-    confidence: float | None = None  # in [0, 1]: how far to trust `text` (see `confidence`)
-    features: tuple[float, ...] = ()  # what `confidence` is computed from (CONFIDENCE_FEATURES)
 
 
 CONFIDENCE_FEATURES = ("mean_token_log_prob", "abs_log_length_ratio", "unfinished")
@@ -388,21 +374,6 @@ class Translator:
 
 def _members(model: Seq2Seq | Ensemble) -> list[nn.Module]:
     return list(model.models) if isinstance(model, Ensemble) else [model]
-
-
-def batched(items: list[int], lengths: list[int], max_tokens: int) -> Iterator[list[int]]:
-    """Groups indices (already sorted by length) into batches of at most max_tokens padded tokens."""
-    batch: list[int] = []
-    longest = 0
-    for i in items:
-        longest_if = max(longest, lengths[i])
-        if batch and longest_if * (len(batch) + 1) > max_tokens:
-            yield batch
-            batch, longest_if = [], lengths[i]
-        batch.append(i)
-        longest = longest_if
-    if batch:
-        yield batch
 
 
 def translate_corpus(

@@ -8,32 +8,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nmt.config import Config, ConfigError, load_config
+from nmt.results import TranslationResult, batched
 from nmt.runtime.files import CONFIG_FILE, META_FILE, ExportedModelError, read_manifest
 from nmt.runtime.model import OnnxModel
 from nmt.runtime.search import check_supported, search
 from nmt.search_options import SearchOptions
 from nmt.tokenizer import Tokenizer, TokenizerError
-
-
-@dataclass
-class TranslationResult:
-    """One sentence's translation; the fields of `nmt.translate.TranslationResult`."""
-
-    text: str
-    score: float
-    n_best: list[tuple[str, float]] = field(default_factory=list)
-    src_tokens: list[str] = field(default_factory=list)
-    tgt_tokens: list[str] = field(default_factory=list)
-    attention: list[list[float]] | None = None  # (T, S) over subwords, EOS row included
-    finished: bool = True
-    confidence: float | None = None  # not computed by the runtime
 
 
 class OnnxTranslator:
@@ -153,14 +140,9 @@ class OnnxTranslator:
         order = sorted(range(len(ids)), key=lambda i: -lengths[i])
         budget = batch_tokens or self.cfg.decode.batch_tokens
         results: list[TranslationResult | None] = [None] * len(ids)
-        start = 0
-        while start < len(order):
-            # sorted longest first: a batch's padded size is its first line's length times rows
-            rows = max(1, budget // lengths[order[start]])
-            batch = order[start : start + rows]
+        for batch in batched(order, lengths, budget):
             for i, result in zip(batch, self.translate_ids([ids[i] for i in batch], options)):
                 results[i] = result
-            start += len(batch)
         return [r for r in results if r is not None]
 
     def translate_stream(
