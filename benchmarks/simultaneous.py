@@ -4,7 +4,8 @@
    source revealed one word at a time to a wait-k policy (`nmt.simultaneous.simulate`, what
    `nmt evaluate --wait-k K` runs): BLEU with Average Lagging, Average Proportion and
    Differentiable Average Lagging (SimulEval's definitions, in source words). Models whose encoder
-   looks ahead get the full-sentence row only.
+   looks ahead get the full-sentence row only; a model trained at one k (a per-k model) is
+   decoded at that k only.
 2. **Live** (`live`): `nmt serve` with a uni model and C concurrent WebSocket clients, each typing
    test sentences word by word (one word every --word-ms) on /v1/translate/live. For every
    release of target words, the time from sending the frame that released them (the `frame`
@@ -71,7 +72,9 @@ def curve(models: list[Path], ks: list[int], n: int, beam: int) -> list[dict[str
             check_streaming_model(translator.model)
         except ValueError:
             continue
-        for k in ks:
+        trained_k = translator.cfg.train.wait_k
+        # a model trained at one k is decoded at that k only (a per-k model); others at every k
+        for k in [k for k in ks if not isinstance(trained_k, int) or k == trained_k]:
             start = time.perf_counter()
             sims = [simulate(translator, line, k) for line in src]
             bleu = score_files_text([s.text for s in sims], [ref], bootstrap=0)["bleu"]["score"]

@@ -8,7 +8,10 @@ subwords have been read, and attends to those only. Two implementations of the s
 - `WaitKPolicy` is fed text as it arrives (typed, or from a speech recogniser), encodes each whole
   word once a space or the end of input shows it is complete, advances the `uni` encoder over it
   with its state carried, and writes greedily as soon as the rule allows. Output once written is
-  never revised.
+  never revised. Its step is split in two, `next_step` (what the rule allows now) and
+  `apply_step` (the step's outcome), so that `write_steps` can run the steps of many live
+  sentences as one decoder call (the live route's worker does), a sentence writing what it
+  writes alone.
 
 Both apply the same rules, so they give the same output for the same sentence however it is cut
 into pieces: EOS is not allowed while unread source remains (the decoder must not stop before the
@@ -30,9 +33,11 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from nmt.config import Config
 from nmt.model import EncoderMemory, Seq2Seq
@@ -225,12 +230,31 @@ class _Decoder:
     ended: bool = False  # EOS was written (or forced by the length rule)
 
 
+@dataclass(frozen=True, eq=False)
+class WaitKStep:
+    """The next decoder step of a live sentence (`WaitKPolicy.next_step`): what `write_steps`
+    stacks with other sentences' steps."""
+
+    policy: WaitKPolicy
+    prev: int  # the last written token (BOS at the start)
+    state: DecoderState | None  # (L, 1, H); None before the first step
+    start: Tensor | None  # (1, He) the encoder output the first step's state comes from
+    enc_out: Tensor  # (1, S, He) the source this step reads, S = min(t + k, subwords read)
+    keys: Tensor | None  # (1, S, Ha); None for the dot score
+    eos_allowed: bool  # False while unread source remains and before min_len
+
+
 class WaitKPolicy:
     """Wait-k over a live source, one sentence at a time: `feed(text)` as text arrives,
     `finish()` at the end of input; both return the target words they committed.
 
     Only whole words are encoded: a word still being typed waits for the space (or the end of
     input) that completes it. Not thread-safe: one policy per sentence, used by one thread.
+
+    `feed` and `finish` are three steps that a caller serving many sentences at once runs
+    itself (`serve.live`): `read` / `end` take the source, then, while `next_step` returns a
+    step, `write_steps` runs it together with other sentences' steps, and `release` returns
+    the target words that became complete.
 
     Args:
         translator: a loaded model with a `uni` encoder (not an ensemble) and its tokenizer.
@@ -263,6 +287,8 @@ class WaitKPolicy:
         self._keys: list[Tensor] = []  # (1, S', Ha) pieces (none for the dot score)
         self._memory: tuple[Tensor, Tensor | None] | None = None  # the pieces joined, cached
         self._read = 0  # source subwords read
+        self._limits = (-1, 0)  # the length rule's limit for a source of n subwords: (n, limit)
+        self._waits_for_source = False  # the model chose EOS before the end of input
         self._decoder = _Decoder(prev=self.tokenizer.bos_id)
         self._released: list[str] = []  # target words committed so far
         self._eos_col = _eos_column(self.model, self.tokenizer.eos_id)
@@ -287,32 +313,43 @@ class WaitKPolicy:
     def feed(self, text: str) -> list[str]:
         """Takes the next piece of source text; returns the target words it lets the policy
         commit (possibly none)."""
-        if self.source_ended:
-            raise ValueError("the input has ended; start a new policy for the next sentence")
-        self._pending += text
-        cut = max((i for i, ch in enumerate(self._pending) if ch.isspace()), default=-1)
-        if cut < 0:
-            return []
-        words, self._pending = self._pending[:cut].split(), self._pending[cut + 1 :]
-        return self._advance(words)
+        self.read(text)
+        self._write()
+        return self.release()
 
     def finish(self) -> list[str]:
         """The end of input: reads the last word and writes to the end; returns the rest."""
         if self.source_ended:
             return []
-        words = self._pending.split()
-        self._pending = ""
-        self.source_ended = True
-        return self._advance(words)
+        self.end()
+        self._write()
+        return self.release()
 
     # -- reading --------------------------------------------------------------------------
 
-    def _advance(self, words: list[str]) -> list[str]:
-        with torch.no_grad(), autocast(self.translator.device, self.translator.precision):
-            if words:
-                self._read_words(words)
-            self._write()
-        return self._release()
+    def read(self, text: str) -> None:
+        """Takes the next piece of source text and encodes the words it completes; writes
+        nothing (see `next_step`)."""
+        if self.source_ended:
+            raise ValueError("the input has ended; start a new policy for the next sentence")
+        self._pending += text
+        cut = max((i for i, ch in enumerate(self._pending) if ch.isspace()), default=-1)
+        if cut < 0:
+            return
+        words, self._pending = self._pending[:cut].split(), self._pending[cut + 1 :]
+        if words:
+            self._read_words(words)
+
+    def end(self) -> None:
+        """The end of input: encodes the last word; writes nothing (see `next_step`)."""
+        if self.source_ended:
+            return
+        words = self._pending.split()
+        self._pending = ""
+        self.source_ended = True
+        self._waits_for_source = False
+        if words:
+            self._read_words(words)
 
     def _read_words(self, words: list[str]) -> None:
         ids = [t for piece in self.tokenizer.encode_src(words) for t in piece]
@@ -325,60 +362,73 @@ class WaitKPolicy:
         if not ids:
             return
         src = torch.tensor([ids], dtype=torch.long, device=self.translator.device)
-        enc_out, keys, self._enc_state = self.model.encode_more(src, self._enc_state)
+        with torch.no_grad(), autocast(self.translator.device, self.translator.precision):
+            enc_out, keys, self._enc_state = self.model.encode_more(src, self._enc_state)
         self._enc_out.append(enc_out)
         if keys is not None:
             self._keys.append(keys)
         self._memory = None
         self._read += len(ids)
+        self._waits_for_source = False
 
-    def _source(self, n: int) -> EncoderMemory:
-        """The encoder memory of the first n source tokens."""
+    def _source(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """The encoder outputs (1, n, He) and keys (1, n, Ha) or None of the first n tokens."""
         if self._memory is None:
             keys = torch.cat(self._keys, dim=1) if self._keys else None
             self._memory = (torch.cat(self._enc_out, dim=1), keys)
         enc_out, keys = self._memory
-        mask = torch.ones(1, n, dtype=torch.bool, device=enc_out.device)
-        return EncoderMemory(enc_out[:, :n], mask, None if keys is None else keys[:, :n])
+        return enc_out[:, :n], None if keys is None else keys[:, :n]
 
     # -- writing --------------------------------------------------------------------------
 
     def _limit(self, n: int) -> int:
         """The length rule's output limit for a source of n subwords."""
-        o = self.options
-        return max_lengths(torch.tensor([n]), o.max_len_a, o.max_len_b, o.max_len_cap)[0]
+        if self._limits[0] != n:
+            o = self.options
+            limit = max_lengths(torch.tensor([n]), o.max_len_a, o.max_len_b, o.max_len_cap)[0]
+            self._limits = (n, limit)
+        return self._limits[1]
+
+    def next_step(self) -> WaitKStep | None:
+        """The decoder step the rules allow now, or None: the policy waits for more source (or
+        the end of input), or the sentence is written (see the module docstring for the
+        rules). Asking has no effect, except that a sentence the length rule ends is ended."""
+        dec, k, n = self._decoder, self.k, self._read
+        if dec.ended or n == 0 or self._waits_for_source:
+            return None
+        t = len(dec.tokens)
+        if not self.source_ended and (n < t + k or t >= self._limit(n)):
+            return None  # wait for more source
+        if self.source_ended and t >= self._limit(n):
+            dec.ended = True  # the length rule ends the sentence (EOS forced)
+            return None
+        enc_out, keys = self._source(min(t + k, n))
+        start = None if dec.state is not None else self._source(n)[0][:, min(k, n) - 1]
+        unread = t + k < n  # the source goes on beyond what step t reads
+        eos_allowed = not unread and t >= self.options.min_len
+        return WaitKStep(self, dec.prev, dec.state, start, enc_out, keys, eos_allowed)
+
+    def apply_step(self, column: int, state: DecoderState) -> None:
+        """Takes the outcome of the step `next_step` returned, nothing read in between: the
+        argmax column of its logits (EOS masked unless allowed) and the new state (L, 1, H)."""
+        dec = self._decoder
+        if column == self._eos_col and not self.source_ended:
+            self._waits_for_source = True  # EOS is only right if the source ends here
+            return
+        dec.state = state
+        if column == self._eos_col:
+            dec.ended = True
+            return
+        token = int(self.model.token_ids(torch.tensor(column)))
+        dec.tokens.append(token)
+        dec.prev = token
 
     def _write(self) -> None:
-        """Writes every step the read source allows (see the module docstring)."""
-        dec, k, n = self._decoder, self.k, self._read
-        while not dec.ended and n > 0:
-            t = len(dec.tokens)
-            if not self.source_ended and (n < t + k or t >= self._limit(n)):
-                return  # wait for more source
-            if self.source_ended and t >= self._limit(n):
-                dec.ended = True  # the length rule ends the sentence (EOS forced)
-                return
-            if dec.state is None:
-                enc_out = self._source(n).enc_out
-                dec.state = self.model.decoder.init_state(enc_out[:, min(k, n) - 1])
-            prev = torch.tensor([dec.prev], dtype=torch.long, device=self.translator.device)
-            out, state, _ = self.model.decode_step(prev, dec.state, self._source(min(t + k, n)))
-            log_probs = self.model.output_logits(out)[0].float()  # (V,), argmax only
-            unread = t + k < n  # the source goes on beyond what step t reads
-            if unread or t < self.options.min_len:
-                log_probs[self._eos_col] = NEG_INF
-            col = int(log_probs.argmax())
-            if col == self._eos_col and not self.source_ended:
-                return  # EOS is only right if the source ends here: wait and see
-            dec.state = state
-            if col == self._eos_col:
-                dec.ended = True
-                return
-            token = int(self.model.token_ids(torch.tensor(col)))
-            dec.tokens.append(token)
-            dec.prev = token
+        """Writes every step the read source allows, one at a time."""
+        while (step := self.next_step()) is not None:
+            write_steps([step])
 
-    def _release(self) -> list[str]:
+    def release(self) -> list[str]:
         """The target words newly known to be complete."""
         tokens = self._decoder.tokens
         if not (self._decoder.ended or self.done):
@@ -389,6 +439,57 @@ class WaitKPolicy:
         new = words[len(self._released) :]
         self._released.extend(new)
         return new
+
+
+def write_steps(steps: Sequence[WaitKStep]) -> None:
+    """Runs the next steps of several live sentences as one decoder call and hands each policy
+    its outcome (`WaitKPolicy.apply_step`).
+
+    The sentences' states and previous tokens are stacked and the source each step reads is
+    padded to the longest and masked, as beam search stacks hypotheses, so a sentence writes
+    what it writes alone whatever its company (k, length, progress). The steps must come from
+    policies over one model, one step per policy.
+    """
+    if not steps:
+        return
+    policy = steps[0].policy
+    model, translator = policy.model, policy.translator
+    assert all(s.policy.model is model for s in steps), "steps of one model only"
+    assert len({id(s.policy) for s in steps}) == len(steps), "one step per policy"
+    with torch.no_grad(), autocast(translator.device, translator.precision):
+        columns, state = _decode_steps(model, steps, policy._eos_col)
+    for i, (step, column) in enumerate(zip(steps, columns, strict=True)):
+        row = DecoderState(state.hidden[:, i : i + 1], state.cell[:, i : i + 1],
+                           state.attn_vector[i : i + 1])  # fmt: skip
+        step.policy.apply_step(column, row)
+
+
+def _decode_steps(
+    model: Seq2Seq, steps: Sequence[WaitKStep], eos_col: int
+) -> tuple[list[int], DecoderState]:
+    """The batched decoder step of `write_steps`: each row's argmax column and the new state."""
+    device = steps[0].enc_out.device
+    states = [
+        s.state if s.state is not None else model.decoder.init_state(cast(Tensor, s.start))
+        for s in steps
+    ]  # the first step's state from the encoder after min(k, |x|) tokens, row by row
+    state = DecoderState(
+        torch.cat([s.hidden for s in states], dim=1),  # (L, B, H)
+        torch.cat([s.cell for s in states], dim=1),
+        torch.cat([s.attn_vector for s in states], dim=0),
+    )
+    enc_out = pad_sequence([s.enc_out[0] for s in steps], batch_first=True)  # (B, S, He)
+    keys = None
+    if steps[0].keys is not None:
+        keys = pad_sequence([cast(Tensor, s.keys)[0] for s in steps], batch_first=True)
+    lengths = torch.tensor([s.enc_out.size(1) for s in steps], device=device)
+    src_mask = torch.arange(enc_out.size(1), device=device) < lengths[:, None]  # (B, S)
+    prev = torch.tensor([s.prev for s in steps], dtype=torch.long, device=device)
+    out, state, _ = model.decode_step(prev, state, EncoderMemory(enc_out, src_mask, keys))
+    logits = model.output_logits(out).float()  # (B, V), argmax only
+    no_eos = torch.tensor([not s.eos_allowed for s in steps], device=device)
+    logits[:, eos_col] = logits[:, eos_col].masked_fill(no_eos, NEG_INF)
+    return logits.argmax(dim=-1).tolist(), state
 
 
 def default_wait_k(cfg: Config) -> int:

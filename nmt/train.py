@@ -621,6 +621,8 @@ class Trainer:
         d, loop = self.cfg.data, self.loop
         scores = {"dev_bleu": record["dev_bleu"], "dev_chrf": record["dev_chrf"],
                   "bleu_signature": record["bleu_signature"], "step": loop.step}  # fmt: skip
+        if "dev_wait_k" in record:  # a wait-k model: dev BLEU is wait-k decoding's
+            scores["dev_wait_k"] = record["dev_wait_k"]
         return {
             "src_lang": d.src_lang, "tgt_lang": d.tgt_lang, "length_ratio": list(self.length_ratio),
             "parameters": self.params, "scores": scores, "step": loop.step, "epoch": loop.epoch,

@@ -80,7 +80,9 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
         )
     if "dev_bleu" in scores:
         lines += [
-            f"| Dev BLEU | {scores['dev_bleu']:.2f} (step {scores.get('step', '?')}) |",
+            f"| Dev BLEU | {scores['dev_bleu']:.2f} (step {scores.get('step', '?')}"
+            + (f", wait-{scores['dev_wait_k']} decoding" if "dev_wait_k" in scores else "")
+            + ") |",
             f"| Dev chrF | {scores.get('dev_chrf', float('nan')):.2f} |",
         ]
     else:  # e.g. averaged weights whose dev split was not at hand
@@ -91,6 +93,11 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
         lines.append(
             f"| Test BLEU | {scores['test_bleu']:.2f} (beam {scores.get('test_beam_size')}, "
             f"{scores.get('test_data')}), chrF {scores.get('test_chrf', float('nan')):.2f} |"
+        )
+    if "test_wait_k_bleu" in scores:
+        lines.append(
+            f"| Test BLEU, wait-{scores['test_wait_k']} | {scores['test_wait_k_bleu']:.2f} "
+            "(greedy, the source read as it arrives) |"
         )
     selection = meta.get("selection")
     if selection:

@@ -25,8 +25,19 @@ Any bad frame gets an error frame and the connection is closed; other sessions c
 
 The model is not thread-safe, and the batching worker owns the served one; live sessions run on
 one thread of their own (`LiveWorker`) over a private copy of the model, taken once from the
-loaded translator, so they never touch the batcher's model and never block the event loop. A
-client that leaves frees its sentence state at once (it is only referenced by its route).
+loaded translator, so they never touch the batcher's model and never block the event loop.
+
+That thread batches the sessions. A route hands it each frame and awaits the answer (the words
+released and the source words read). Every tick the thread reads the frames that arrived, each
+session's new words encoded on their own (the sessions' encoders have read different lengths,
+and a word is one short call), answers the sessions with nothing left to write, and runs the next
+decoder step of all the others as one batched call (`nmt.simultaneous.write_steps`: decoder
+states and previous tokens stacked, the source each step reads padded and masked), so a session
+writes exactly what it writes alone. A release waits behind at most one batched step of other
+sessions' work, and an end-of-sentence flush takes one step per tick beside everyone else's
+steps instead of holding the thread until it is done. While a frame is in the worker its route
+already listens for the next one, so a client that leaves mid-flush leaves the batch at the next
+tick; its sentence state is freed with it (only the route and a frame in flight hold it).
 """
 
 from __future__ import annotations
@@ -36,10 +47,12 @@ import copy
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -77,13 +90,37 @@ class LiveError(ServiceError):
         self.status, self.code, self.close_code = status, code, close_code
 
 
+@dataclass(eq=False)
+class _Frame:
+    """A session's frame on its way through the live worker: read it, write what it allows,
+    answer with the words released and the source words read."""
+
+    policy: Any  # the session's nmt.simultaneous.WaitKPolicy
+    text: str | None  # None: the end of input
+    answer: Future[tuple[list[str], int]]
+
+
 class LiveWorker:
-    """The one thread live sessions' model work runs on, with its own copy of the model."""
+    """The one thread live sessions' model work runs on, with its own copy of the model.
+
+    A session has at most one frame in the worker at a time (its route awaits the answer). Each
+    tick the worker drops the sessions whose clients left, runs queued calls (making policies),
+    reads the frames that arrived (each session's new words encoded on their own), answers the
+    sessions with nothing left to write, and runs one decoder step of every other session in
+    one batched call (`nmt.simultaneous.write_steps`), so an end-of-sentence flush advances a
+    step per tick beside everyone else's steps instead of holding the thread.
+    """
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmt-live")
         self._source: object | None = None  # the served translator the copy was taken from
         self._translator: Any = None
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        # handed over under _wake
+        self._calls: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = []
+        self._inbox: list[_Frame] = []
+        self._dropped: list[Any] = []  # policies whose clients left
+        self._frames: list[_Frame] = []  # being written (worker thread only)
 
     def translator(self, served: Any) -> Any:
         """The live copy of `served` (worker thread only): the same tokenizer and options, a
@@ -99,7 +136,90 @@ class LiveWorker:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the live thread; a caller that goes away cancels it if not started."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        future: Future[T] = Future()
+        self._hand_over(lambda: self._calls.append((fn, args, future)))
+        return await asyncio.wrap_future(future)
+
+    def submit(self, policy: Any, text: str | None) -> Future[tuple[list[str], int]]:
+        """Queues a session's frame (`text`, or None for the end of input); the answer is the
+        target words it released and the source words read by then. The policy's
+        ValueError (a source over its limit) comes back as the answer's exception."""
+        frame = _Frame(policy, text, Future())
+        self._hand_over(lambda: self._inbox.append(frame))
+        return frame.answer
+
+    def drop(self, policy: Any) -> None:
+        """The session's client left: its frame, if any, leaves the batch at the next tick."""
+        self._hand_over(lambda: self._dropped.append(policy))
+
+    def _hand_over(self, put: Callable[[], None]) -> None:
+        with self._wake:
+            put()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="nmt-live", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    # -- the worker thread ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._calls or self._inbox or self._dropped or self._frames):
+                    self._wake.wait()
+                calls, inbox, dropped = self._calls, self._inbox, self._dropped
+                self._calls, self._inbox, self._dropped = [], [], []
+            try:
+                self._tick(calls, inbox, dropped)
+            except Exception as err:  # a bug, not a frame's fault: fail what is in hand
+                logger.exception("the live worker failed a tick")
+                for frame in self._frames:
+                    if not frame.answer.done():
+                        frame.answer.set_exception(err)
+                self._frames = []
+
+    def _tick(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]],
+              inbox: list[_Frame], dropped: list[Any]) -> None:  # fmt: skip
+        gone = {id(policy) for policy in dropped}
+        self._frames = [f for f in self._frames if id(f.policy) not in gone]
+        for fn, args, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except Exception as err:
+                    future.set_exception(err)
+        for frame in inbox:
+            if id(frame.policy) not in gone and frame.answer.set_running_or_notify_cancel():
+                self._read(frame)
+        self._write()
+
+    def _read(self, frame: _Frame) -> None:
+        try:
+            if frame.text is None:
+                frame.policy.end()
+            else:
+                frame.policy.read(frame.text)
+        except Exception as err:  # a source over the limit, ...
+            frame.answer.set_exception(err)
+            return
+        self._frames.append(frame)
+
+    def _write(self) -> None:
+        """Answers the frames with nothing left to write; one batched step for the others."""
+        from nmt.simultaneous import write_steps
+
+        writing: list[_Frame] = []
+        by_model: dict[int, list[Any]] = {}
+        for frame in self._frames:
+            step = frame.policy.next_step()
+            if step is None:
+                frame.answer.set_result((frame.policy.release(), frame.policy.source_words))
+            else:
+                writing.append(frame)
+                by_model.setdefault(id(frame.policy.model), []).append(step)
+        self._frames = writing
+        for steps in by_model.values():  # the sessions of a replaced model finish on their own
+            write_steps(steps)
 
 
 class LiveMetrics:
@@ -205,10 +325,18 @@ def build_live_router(settings: Settings, api_keys: list[str], metrics: Metrics)
         options = replace(live.options, max_len_cap=settings.max_output_length)
         return WaitKPolicy(live, k, options, max_source_tokens=settings.max_tokens)
 
-    def step(policy: Any, text: str | None) -> tuple[list[str], int]:
-        """One frame's work on the live thread: the words released and the words read."""
-        words = policy.finish() if text is None else policy.feed(text)
-        return words, policy.source_words
+    async def answer(policy: Any, text: str | None, ahead: asyncio.Task[Any]
+                     ) -> tuple[list[str], int] | None:  # fmt: skip
+        """The live worker's answer to a frame: the words released and the words read; None
+        when the client leaves first (`ahead`, its next frame, finds it gone), and then the
+        session leaves the worker's batch at once."""
+        result = asyncio.wrap_future(worker.submit(policy, text))
+        done, _ = await asyncio.wait({result, ahead}, return_when=asyncio.FIRST_COMPLETED)
+        if result not in done and ahead.exception() is None and ahead.result() is None:
+            worker.drop(policy)
+            result.cancel()
+            return None
+        return await result  # a frame received meanwhile waits its turn in `ahead`
 
     @router.websocket(LIVE_PATH)
     async def live(websocket: WebSocket) -> None:
@@ -267,46 +395,68 @@ def build_live_router(settings: Settings, api_keys: list[str], metrics: Metrics)
                                    "limits": {"max_chars": settings.max_chars,
                                               "max_tokens": settings.max_tokens,
                                               "max_output_length": settings.max_output_length}})  # fmt: skip
-        pending = None if first.get("type") == "start" else first
+        return await converse(websocket, translator, k,
+                              None if first.get("type") == "start" else first)  # fmt: skip
+
+    async def converse(websocket: WebSocket, translator: Any, k: int,
+                       pending: dict[str, Any] | None) -> int:  # fmt: skip
+        """The frames of a session after its ready frame, `pending` the first one if it was not
+        a start frame; returns the status the session is counted under."""
         received = 1  # client frames so far, the first included
         policy: Any = None  # the sentence's WaitKPolicy, made at its first frame
         chars = 0
-        while True:
-            if pending is None:
-                frame = await receive_frame(websocket, IDLE_TIMEOUT_S)
-                received += 1
-            else:
-                frame, pending = pending, None
-            if frame is None:
-                return 101  # the client left; its policy goes with this frame
-            kind = frame["type"]
-            if kind == "start":
-                raise LiveError(422, "invalid_request", "start may only be the first frame",
-                                CLOSE_INVALID)  # fmt: skip
-            text = frame.get("text") if kind == "text" else None
-            if kind == "text" and not isinstance(text, str):
-                raise LiveError(422, "invalid_request", 'a text frame needs a string "text"',
-                                CLOSE_INVALID)  # fmt: skip
-            chars += len(text or "")
-            if chars > settings.max_chars:
-                raise LiveError(422, "too_long",
-                                f"a sentence may have at most {settings.max_chars} characters; "
-                                'send {"type": "end"} sooner', CLOSE_POLICY)  # fmt: skip
-            arrived = time.perf_counter()
-            if policy is None:
-                policy = await worker.run(new_policy, translator, k)
-            try:
-                words, read = await worker.run(step, policy, text)
-            except ValueError as err:  # the source is over the subword limit
-                raise LiveError(422, "too_long", str(err), CLOSE_POLICY) from None
-            if words:
-                await websocket.send_json({"type": "words", "words": words, "text": " ".join(words),
-                                           "source_words": read, "frame": received})  # fmt: skip
-                live_metrics.release_seconds.observe(time.perf_counter() - arrived)
-            if kind == "end":
-                await websocket.send_json({"type": "done", "text": policy.text,
-                                           "source_words": read})  # fmt: skip
-                policy, chars = None, 0
+        ahead: asyncio.Task[dict[str, Any] | None] | None = None  # the next frame, received
+        try:  # while the worker works, so that a client that leaves is seen at once
+            while True:
+                if pending is None:
+                    frame = await (receive_frame(websocket, IDLE_TIMEOUT_S) if ahead is None
+                                   else ahead)  # fmt: skip
+                    ahead = None
+                    received += 1
+                else:
+                    frame, pending = pending, None
+                if frame is None:
+                    return 101  # the client left; its policy goes with this frame
+                kind = frame["type"]
+                if kind == "start":
+                    raise LiveError(422, "invalid_request", "start may only be the first frame",
+                                    CLOSE_INVALID)  # fmt: skip
+                text = frame.get("text") if kind == "text" else None
+                if kind == "text" and not isinstance(text, str):
+                    raise LiveError(422, "invalid_request", 'a text frame needs a string "text"',
+                                    CLOSE_INVALID)  # fmt: skip
+                chars += len(text or "")
+                if chars > settings.max_chars:
+                    raise LiveError(422, "too_long",
+                                    f"a sentence may have at most {settings.max_chars} characters; "
+                                    'send {"type": "end"} sooner', CLOSE_POLICY)  # fmt: skip
+                arrived = time.perf_counter()
+                if policy is None:
+                    policy = await worker.run(new_policy, translator, k)
+                ahead = asyncio.create_task(receive_frame(websocket, IDLE_TIMEOUT_S))
+                try:
+                    result = await answer(policy, text, ahead)
+                except ValueError as err:  # the source is over the subword limit
+                    raise LiveError(422, "too_long", str(err), CLOSE_POLICY) from None
+                if result is None:
+                    return 101  # the client left while its frame was in the worker
+                words, read = result
+                if words:
+                    await websocket.send_json({"type": "words", "words": words,
+                                               "text": " ".join(words), "source_words": read,
+                                               "frame": received})  # fmt: skip
+                    live_metrics.release_seconds.observe(time.perf_counter() - arrived)
+                if kind == "end":
+                    await websocket.send_json({"type": "done", "text": policy.text,
+                                               "source_words": read})  # fmt: skip
+                    policy, chars = None, 0
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                if ahead.done() and not ahead.cancelled():
+                    ahead.exception()  # a bad next frame, moot once the session ended first
+            if policy is not None:
+                worker.drop(policy)
 
     async def close_with_error(websocket: WebSocket, err: LiveError, request_id: str) -> None:
         body = {"status": err.status, "code": err.code, "message": err.message,

@@ -6,13 +6,14 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_simultaneous import train_tiny_waitk
+from test_simultaneous import SENTENCES, alone, by_word, train_tiny_waitk
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -162,6 +163,44 @@ def test_clients_that_leave_mid_sentence_free_their_sessions_at_once(server: str
         ws.send(json.dumps({"type": "text", "text": "El perro quiere agua."}))
         ws.send(json.dumps({"type": "end"}))
         assert frames(ws)[-1]["type"] == "done"
+
+
+def test_concurrent_clients_sending_ahead_each_get_what_they_get_alone(
+    server: str, waitk_model_dir: Path
+) -> None:
+    translator = Translator.load(waitk_model_dir)
+    plan = [(1, SENTENCES[0]), (2, SENTENCES[1]), (4, SENTENCES[2]), (30, SENTENCES[3]),
+            (2, SENTENCES[4])]  # fmt: skip
+
+    def client(k: int, text: str) -> list[tuple[int, int, list[str]]]:
+        """Sends the whole sentence word by word without waiting, then reads the answers."""
+        with connect(ws_url(server), additional_headers=AUTH) as ws:
+            ws.send(json.dumps({"type": "start", "k": k}))
+            for frame in by_word(text):
+                ws.send(json.dumps({"type": "end"} if frame is None else
+                                   {"type": "text", "text": frame}))  # fmt: skip
+            got = frames(ws)[1:]  # after the ready frame
+        return [(f["frame"], f["source_words"], f["words"]) for f in got if f["type"] == "words"]
+
+    def leaver() -> None:
+        """Leaves as soon as it has sent the end of a sentence with every step still to write."""
+        with connect(ws_url(server), additional_headers=AUTH) as ws:
+            ws.send(json.dumps({"type": "start", "k": 30}))
+            ws.send(json.dumps({"type": "text", "text": SENTENCES[1]}))
+            ws.send(json.dumps({"type": "end"}))
+
+    with ThreadPoolExecutor(len(plan) + 1) as pool:
+        left = pool.submit(leaver)
+        results = list(pool.map(client, *zip(*plan, strict=True)))
+        left.result()
+    for got, (k, text) in zip(results, plan, strict=True):
+        answers = alone(translator, k, by_word(text)).answers
+        # the start frame is frame 1, the sentence's frames 2, 3, ...
+        assert got == [(i + 2, read, words) for i, (words, read) in enumerate(answers) if words]
+    deadline = time.monotonic() + 5
+    while live_sessions(server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_sessions(server) == 0
 
 
 def test_a_model_with_a_bidirectional_encoder_is_refused_clearly(tiny_model_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ from nmt.simultaneous import (
     simulate,
     translate_wait_k,
     wait_k_search,
+    write_steps,
 )
 from nmt.train import wait_k_of_step
 from nmt.translate import Translator
@@ -256,6 +258,124 @@ def test_the_batched_offline_search_matches_one_sentence_at_a_time(
     assert any(t.strip() for t in texts)
 
 
+@dataclass
+class Typist:
+    """A live client as the live worker sees it: frames of text (None: the end of a sentence)
+    sent one at a time, the next once the last is answered, from tick `start`; at tick `leaves`
+    it goes. A sentence's frames go to a policy of its own, made at its first frame."""
+
+    translator: Translator
+    k: int
+    frames: list[str | None]
+    start: int = 0
+    leaves: int | None = None
+    sent: int = 0
+    policies: list[WaitKPolicy] = field(default_factory=list)  # one per sentence
+    answers: list[tuple[list[str], int]] = field(default_factory=list)  # (words, source words)
+    ended: bool = True  # the last policy's sentence has ended
+
+    def send(self) -> None:
+        if self.ended:
+            self.policies.append(WaitKPolicy(self.translator, self.k))
+        frame = self.frames[self.sent]
+        self.sent += 1
+        self.ended = frame is None
+        self.policies[-1].end() if frame is None else self.policies[-1].read(frame)
+
+
+def alone(translator: Translator, k: int, frames: list[str | None]) -> Typist:
+    """`frames` fed to policies by themselves (`feed`, `finish`), one sentence at a time."""
+    typist = Typist(translator, k, frames)
+    policy = None
+    for frame in frames:
+        policy = policy or WaitKPolicy(translator, k)
+        words = policy.finish() if frame is None else policy.feed(frame)
+        typist.answers.append((words, policy.source_words))
+        if frame is None:
+            typist.policies.append(policy)
+            policy = None
+    typist.policies += [policy] if policy else []
+    return typist
+
+
+def write_together(typists: list[Typist]) -> list[int]:
+    """Runs the typists as the live worker does: each tick, reads the frames sent, answers
+    those with nothing left to write and writes one step of all the others in one
+    `write_steps` call. Returns the number of sentences in each call."""
+    sizes: list[int] = []
+    in_flight: set[int] = set()
+    tick = 0
+    while True:
+        for i, typist in enumerate(typists):
+            if typist.leaves == tick:
+                in_flight.discard(i)
+                typist.sent = len(typist.frames)  # gone: sends nothing more
+            if i not in in_flight and tick >= typist.start and typist.sent < len(typist.frames):
+                typist.send()
+                in_flight.add(i)
+        steps = []
+        for i in sorted(in_flight):
+            policy = typists[i].policies[-1]
+            step = policy.next_step()
+            if step is None:
+                typists[i].answers.append((policy.release(), policy.source_words))
+                in_flight.remove(i)
+            else:
+                steps.append(step)
+        if steps:
+            write_steps(steps)
+            sizes.append(len(steps))
+        elif all(t.sent == len(t.frames) for t in typists) and not in_flight:
+            return sizes
+        tick += 1
+
+
+def by_word(text: str) -> list[str | None]:
+    return [word + " " for word in text.split()] + [None]
+
+
+def test_sentences_written_together_give_what_each_writes_alone(
+    waitk_translator: Translator,
+) -> None:
+    # (k, frames, start tick, tick it leaves at): different k and lengths, typed by word, by
+    # character or all at once, one starting late, short ones ending while others go on
+    # (and starting again), one leaving mid-sentence
+    plan: list[tuple[int, list[str | None], int, int | None]] = [
+        (1, by_word(SENTENCES[0]), 0, None),
+        (2, by_word(SENTENCES[1]) + by_word(SENTENCES[4]), 0, None),
+        (4, [*SENTENCES[2], None], 3, None),  # character by character
+        (30, [SENTENCES[3], None], 1, None),  # all at once: the whole flush at the end
+        (2, by_word(SENTENCES[4]), 2, None),
+        (1, by_word(SENTENCES[1]), 0, 6),  # leaves mid-sentence
+    ]
+    typists = [Typist(waitk_translator, k, frames, start, leaves)
+               for k, frames, start, leaves in plan]  # fmt: skip
+    sizes = write_together(typists)
+    assert max(sizes) >= 4  # the sentences really shared decoder calls
+    for typist, (k, frames, _, leaves) in zip(typists, plan, strict=True):
+        own = alone(waitk_translator, k, frames)
+        if leaves is None:
+            assert typist.answers == own.answers, (k, frames)
+            assert [p.tokens for p in typist.policies] == [p.tokens for p in own.policies]
+            assert all(p.done for p in typist.policies)
+        else:  # what it wrote before it left is what it writes alone, so far
+            assert 0 < len(typist.answers) < len(own.answers)
+            assert typist.answers == own.answers[: len(typist.answers)]
+            (policy,) = typist.policies
+            assert policy.tokens == own.policies[0].tokens[: len(policy.tokens)]
+            assert not policy.done
+
+
+def test_a_batch_of_sentences_by_write_steps_matches_offline_wait_k(
+    waitk_translator: Translator,
+) -> None:
+    for k in (1, 3):
+        typists = [Typist(waitk_translator, k, by_word(text)) for text in SENTENCES]
+        write_together(typists)
+        for typist, text in zip(typists, SENTENCES, strict=True):
+            assert typist.policies[0].tokens == offline(waitk_translator, text, k), (k, text)
+
+
 def test_a_word_is_encoded_only_once_complete_and_output_is_never_revised(
     waitk_translator: Translator,
 ) -> None:
@@ -368,3 +488,25 @@ def test_evaluate_with_wait_k_reports_bleu_and_latency(
     translator = Translator.load(tiny_waitk_model_dir)
     sources = src.read_text().splitlines()
     assert out.read_text().splitlines() == [simulate(translator, s, 2).text for s in sources]
+
+
+def test_a_wait_k_model_is_validated_and_scored_by_wait_k_decoding(
+    tiny_waitk_model_dir: Path, toy_corpus: Path
+) -> None:
+    """Checkpoints of a wait-k model are chosen on wait-k BLEU at its live k (3 within 1..4),
+    and its model card carries the wait-k test score beside the full-sentence one."""
+    from nmt.metrics import corpus_scores
+    from nmt.validate import score_on_dev
+
+    record = score_on_dev(tiny_waitk_model_dir)
+    assert record["dev_wait_k"] == 3 and record["dev_sentences"] == 10
+    translator = Translator.load(tiny_waitk_model_dir, precision="fp32")
+    src = (toy_corpus / "dev.es").read_text().split("\n")[:10]
+    refs = (toy_corpus / "dev.en").read_text().split("\n")[:10]
+    hyps = translate_wait_k(translator, src, 3)
+    assert record["dev_bleu"] == pytest.approx(corpus_scores(hyps, [refs]).bleu)
+    scores = json.loads((tiny_waitk_model_dir / "meta.json").read_text())["scores"]
+    assert scores["dev_wait_k"] == 3 and scores["test_wait_k"] == 3
+    assert 0 <= scores["test_wait_k_bleu"] <= 100
+    card = (tiny_waitk_model_dir / "README.md").read_text()
+    assert "wait-3 decoding" in card and "Test BLEU, wait-3" in card

@@ -1,0 +1,105 @@
+"""The live route's worker: sessions written together in batched decoder steps each get exactly
+what they get alone, and a session whose client leaves drops out of the batch at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from test_simultaneous import SENTENCES, alone, by_word, train_tiny_waitk
+
+import nmt.simultaneous
+from nmt.simultaneous import WaitKPolicy, WaitKStep
+from nmt.translate import Translator
+from serve.live import LiveWorker
+
+
+@pytest.fixture(scope="module")
+def translator(toy_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Translator:
+    return Translator.load(train_tiny_waitk(toy_corpus, tmp_path_factory.getbasetemp()))
+
+
+class Batches:
+    """Records the policies of every `write_steps` call; `hold` pauses the worker thread inside
+    the first call that includes that policy until `resume` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[list[WaitKPolicy]] = []
+        self.hold: WaitKPolicy | None = None
+        self.held_at = -1  # the index of the call it held
+        self.holding, self.resume = threading.Event(), threading.Event()
+        write_steps = nmt.simultaneous.write_steps
+
+        def recording(steps: Sequence[WaitKStep]) -> None:
+            self.calls.append([s.policy for s in steps])
+            if self.hold is not None and self.hold in self.calls[-1] and self.held_at < 0:
+                self.held_at = len(self.calls) - 1
+                self.holding.set()
+                assert self.resume.wait(10)
+            write_steps(steps)
+
+        monkeypatch.setattr(nmt.simultaneous, "write_steps", recording)
+
+
+async def new_policy(worker: LiveWorker, served: Translator, k: int) -> WaitKPolicy:
+    policy: WaitKPolicy = await worker.run(lambda: WaitKPolicy(worker.translator(served), k))
+    return policy
+
+
+async def type_frames(worker: LiveWorker, policy: WaitKPolicy, frames: list[str | None]
+                      ) -> list[tuple[list[str], int]]:  # fmt: skip
+    """Sends the frames one at a time as a route does, each once the last is answered."""
+    return [await asyncio.wrap_future(worker.submit(policy, frame)) for frame in frames]
+
+
+def test_sessions_batched_on_the_worker_get_what_each_gets_alone(
+    translator: Translator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = Batches(monkeypatch)
+    plan = [(1, SENTENCES[0]), (2, SENTENCES[1]), (4, SENTENCES[2]), (30, SENTENCES[3]),
+            (2, SENTENCES[4]), (3, SENTENCES[1])]  # fmt: skip
+
+    async def main() -> list[list[tuple[list[str], int]]]:
+        worker = LiveWorker()
+        policies = [await new_policy(worker, translator, k) for k, _ in plan]
+        return await asyncio.gather(*(type_frames(worker, policy, by_word(text))
+                                      for policy, (_, text) in zip(policies, plan, strict=True)))  # fmt: skip
+
+    answers = asyncio.run(main())
+    for got, (k, text) in zip(answers, plan, strict=True):
+        assert got == alone(translator, k, by_word(text)).answers, (k, text)
+    assert max(len(call) for call in batches.calls) >= 3  # the sessions shared decoder calls
+    assert any(len({p.k for p in call}) > 1 for call in batches.calls)
+
+
+def test_a_session_that_leaves_mid_flush_drops_out_of_the_batch_at_once(
+    translator: Translator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches = Batches(monkeypatch)
+
+    async def main() -> None:
+        worker = LiveWorker()
+        leaving = await new_policy(worker, translator, 30)  # writes nothing before the end
+        others = [await new_policy(worker, translator, k) for k in (1, 2)]
+        await type_frames(worker, leaving, [w + " " for w in SENTENCES[1].split()])
+        batches.hold = leaving
+        flush = worker.submit(leaving, None)  # the end: every step of the sentence
+        typing = asyncio.gather(*(type_frames(worker, policy, by_word(text))
+                                  for policy, text in zip(others, SENTENCES, strict=False)))  # fmt: skip
+        assert await asyncio.to_thread(batches.holding.wait, 10)  # its first flush step
+        worker.drop(leaving)  # the client left
+        batches.resume.set()
+        answers = await typing
+        assert not flush.done()  # never answered
+        # the held step was its last: the next tick, and all after it, went on without it
+        assert [i for i, call in enumerate(batches.calls) if leaving in call] == [batches.held_at]
+        assert len(batches.calls) > batches.held_at + 1
+        own = alone(translator, 30, by_word(SENTENCES[1])).policies[0]
+        assert leaving.tokens == own.tokens[:1] and len(own.tokens) > 1 and not leaving.done
+        for got, policy, text in zip(answers, others, SENTENCES, strict=False):
+            assert got == alone(translator, policy.k, by_word(text)).answers
+
+    asyncio.run(main())
