@@ -62,6 +62,8 @@ from nmt.train_state import (
     init_distributed,
     peak_memory_mb,
     prepare_run,
+    release_free_heap,
+    resident_memory_mb,
     rng_state,
     set_rng_state,
 )
@@ -526,6 +528,9 @@ class Trainer:
         record = {"kind": "train", "step": self.loop.step, "epoch": self.loop.epoch,
                   "time": round(self.loop.elapsed, 1), "loss": nll, "ppl": math.exp(min(nll, 50)),
                   "tokens_per_s": self.window_tokens / seconds, "lr": self.lr}  # fmt: skip
+        release_free_heap()  # else freed activations pile up as resident memory
+        if self.device.type == "cpu":
+            record["rss_mb"] = resident_memory_mb()
         self.log.write(record)
         self._postfix(loss=f"{nll:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{self.lr:.1e}")
         self.window_nll = self.window_tokens = 0.0

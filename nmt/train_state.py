@@ -4,6 +4,9 @@ the model card."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import os
@@ -11,12 +14,12 @@ import platform
 import random
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
@@ -238,6 +241,37 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return cast("Callable[[int], int]", libc.malloc_trim)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_free_heap() -> None:
+    """Hands the heap's free pages back to the OS (glibc's `malloc_trim(0)`; a no-op elsewhere).
+
+    A training step frees tensors of many sizes, and glibc keeps the freed pages between live
+    blocks: without this, resident memory of the Bible run grew from ~2 GB to over 4 GB in ten
+    minutes, all of it free heap (one `malloc_trim` took it back to ~2 GB). Called once per log
+    window, it costs a few milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident memory now, in MiB (None where /proc is not there)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def hardware_description(device: torch.device) -> str:
