@@ -10,8 +10,11 @@ Where the speed comes from:
   under autocast), with both biases folded in; the loop keeps h_{t-1} @ W_hh^T and the gate math.
 - The whole loop is one autograd.Function (`_Recurrence`) with a hand-written backward: no
   autograd graph per step, the gate math in fp32 on few kernels, W_hh's gradient one product
-  dW = sum_t dA_t^T h_{t-1} over all steps, and the per-variant weights' gradients (peepholes,
-  layer-norm gains) one reduction over all steps, as the fused kernels do.
+  dW = sum_t dA_t^T h_{t-1} over all steps, and the peepholes' gradient one reduction over all
+  steps, as the fused kernels do. Each layer norm is one fused kernel forward (PyTorch's
+  `native_layer_norm`, statistics kept) and one backward that also gives its gain's gradient.
+- `cell_step` runs one step of the same gate math as one autograd node, for a loop that does
+  its own products (the input-feeding decoder, `nmt.model.input_feeding`).
 - The pointwise step functions are plain tensor code; `compile_pointwise(True)` swaps in
   torch.compile'd versions (one generated kernel per step and direction). benchmarks/cells_speed.py
   measures both; eager is the default (see BENCHMARKS.md for why).
@@ -42,7 +45,12 @@ LN_EPS = 1e-5
 # Gate order (i, f, g, o) as in nn.LSTM; (f, g, o) for CIFG. `a` is the pre-activation
 # x_t W_ih^T + b (+ h_{t-1} W_hh^T where not layer-normalised); `hh` = h_{t-1} W_hh^T.
 # A forward returns h, c and what its backward needs; a backward returns dA, dc_{t-1} and,
-# for layer norm, the per-step tensors the parameter gradients are summed from.
+# for layer norm, d(hh) and the step's gradients of the gains and the cell's bias.
+
+
+# d sigmoid and d tanh from the activation y, one kernel each: grad * y * (1 - y), grad * (1 - y^2)
+_sigmoid_grad = torch.ops.aten.sigmoid_backward
+_tanh_grad = torch.ops.aten.tanh_backward
 
 
 def _lstm_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
@@ -54,15 +62,22 @@ def _lstm_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
     return s[:, 3 * width :] * tc, c, s, g, tc
 
 
+def _lstm_gates_bwd(
+    dh: Tensor, dc: Tensor, c_prev: Tensor, s: Tensor, g: Tensor, tc: Tensor
+) -> Tensor:
+    """dA of the LSTM's four gates, given dc = dL/dc_t in full."""
+    width = c_prev.size(1)
+    i, f, o = s[:, :width], s[:, width : 2 * width], s[:, 3 * width :]
+    return torch.cat([_sigmoid_grad(dc * g, i), _sigmoid_grad(dc * c_prev, f),
+                      _tanh_grad(dc * i, g), _sigmoid_grad(dh * tc, o)], dim=1)  # fmt: skip
+
+
 def _lstm_bwd(
     dh: Tensor, dc: Tensor, c_prev: Tensor, s: Tensor, g: Tensor, tc: Tensor
 ) -> tuple[Tensor, Tensor]:
     width = c_prev.size(1)
-    i, f, o = s[:, :width], s[:, width : 2 * width], s[:, 3 * width :]
-    dc = dc + dh * o * (1 - tc * tc)
-    da = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                    dh * tc * o * (1 - o)], dim=1)  # fmt: skip
-    return da, dc * f
+    dc = dc + _tanh_grad(dh * s[:, 3 * width :], tc)
+    return _lstm_gates_bwd(dh, dc, c_prev, s, g, tc), dc * s[:, width : 2 * width]
 
 
 def _cifg_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
@@ -81,10 +96,11 @@ def _cifg_bwd(
 ) -> tuple[Tensor, Tensor]:
     width = c_prev.size(1)
     f, o = s[:, :width], s[:, 2 * width :]
-    dc = dc + dh * o * (1 - tc * tc)
-    da = torch.cat([dc * (c_prev - g) * f * (1 - f), dc * (1 - f) * (1 - g * g),
-                    dh * tc * o * (1 - o)], dim=1)  # fmt: skip
-    return da, dc * f
+    dc = dc + _tanh_grad(dh * o, tc)
+    dc_prev = dc * f
+    da = torch.cat([_sigmoid_grad(dc * (c_prev - g), f), _tanh_grad(dc - dc_prev, g),
+                    _sigmoid_grad(dh * tc, o)], dim=1)  # fmt: skip
+    return da, dc_prev
 
 
 def _peephole_fwd(a: Tensor, c_prev: Tensor, peep: Tensor) -> tuple[Tensor, ...]:
@@ -96,74 +112,75 @@ def _peephole_fwd(a: Tensor, c_prev: Tensor, peep: Tensor) -> tuple[Tensor, ...]
     c = torch.addcmul(f * c_prev, i, g)
     o = torch.sigmoid(torch.addcmul(a[:, 3 * width :], peep[2], c))
     tc = torch.tanh(c)
-    return o * tc, c, torch.cat([i, f, g, o], dim=1), tc
+    return o * tc, c, i, f, g, o, tc
 
 
 def _peephole_bwd(
-    dh: Tensor, dc: Tensor, c_prev: Tensor, act: Tensor, tc: Tensor, peep: Tensor
+    dh: Tensor,
+    dc: Tensor,
+    c_prev: Tensor,
+    i: Tensor,
+    f: Tensor,
+    g: Tensor,
+    o: Tensor,
+    tc: Tensor,
+    peep: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    width = c_prev.size(1)
-    i, f, g, o = act.split(width, dim=1)
-    da_o = dh * tc * o * (1 - o)
-    dc = dc + dh * o * (1 - tc * tc) + da_o * peep[2]
-    da_i = dc * g * i * (1 - i)
-    da_f = dc * c_prev * f * (1 - f)
-    dc_prev = dc * f + da_i * peep[0] + da_f * peep[1]
-    return torch.cat([da_i, da_f, dc * i * (1 - g * g), da_o], dim=1), dc_prev
-
-
-def _norm(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer norm without gain: x_hat and 1 / std per row."""
-    mean = x.mean(dim=1, keepdim=True)
-    centred = x - mean
-    rstd = torch.rsqrt(centred.square().mean(dim=1, keepdim=True) + LN_EPS)
-    return centred * rstd, rstd
-
-
-def _norm_bwd(dx_hat: Tensor, x_hat: Tensor, rstd: Tensor) -> Tensor:
-    mean_d = dx_hat.mean(dim=1, keepdim=True)
-    mean_dx = (dx_hat * x_hat).mean(dim=1, keepdim=True)
-    return rstd * (dx_hat - mean_d - x_hat * mean_dx)
+    da_o = _sigmoid_grad(dh * tc, o)
+    dc = torch.addcmul(dc + _tanh_grad(dh * o, tc), da_o, peep[2])
+    da_i = _sigmoid_grad(dc * g, i)
+    da_f = _sigmoid_grad(dc * c_prev, f)
+    dc_prev = torch.addcmul(torch.addcmul(dc * f, da_i, peep[0]), da_f, peep[1])
+    return torch.cat([da_i, da_f, _tanh_grad(dc * i, g), da_o], dim=1), dc_prev
 
 
 def _ln_fwd(
     a: Tensor, hh: Tensor, c_prev: Tensor, gain_h: Tensor, gain_c: Tensor, bias_c: Tensor
 ) -> tuple[Tensor, ...]:
     # Ba et al. (2016), sec. 6: gates = LN(W_h h) + LN(W_x x) + b (LN(W_x x) is in `a`),
-    # c_t as in the LSTM, h_t = o * tanh(LN(c_t))
+    # c_t as in the LSTM, h_t = o * tanh(LN(c_t)); each LN is one fused kernel (gain and bias
+    # included) that returns the statistics its backward reuses
     width = c_prev.size(1)
-    hh_hat, rstd_h = _norm(hh)
-    s_in = torch.addcmul(a, hh_hat, gain_h)
+    hh_norm, mean_h, rstd_h = torch.native_layer_norm(hh, hh.shape[1:], gain_h, None, LN_EPS)
+    s_in = a + hh_norm
     s = torch.sigmoid(s_in)
     g = torch.tanh(s_in[:, 2 * width : 3 * width])
     c = torch.addcmul(s[:, width : 2 * width] * c_prev, s[:, :width], g)
-    c_hat, rstd_c = _norm(c)
-    tc = torch.tanh(torch.addcmul(bias_c, c_hat, gain_c))
-    return s[:, 3 * width :] * tc, c, s, g, tc, hh_hat, rstd_h, c_hat, rstd_c
+    c_norm, mean_c, rstd_c = torch.native_layer_norm(c, c.shape[1:], gain_c, bias_c, LN_EPS)
+    tc = torch.tanh(c_norm)
+    return s[:, 3 * width :] * tc, c, s, g, tc, hh, mean_h, rstd_h, mean_c, rstd_c
 
 
 def _ln_bwd(
     dh: Tensor,
     dc: Tensor,
     c_prev: Tensor,
+    c: Tensor,
     s: Tensor,
     g: Tensor,
     tc: Tensor,
-    hh_hat: Tensor,
+    hh: Tensor,
+    mean_h: Tensor,
     rstd_h: Tensor,
-    c_hat: Tensor,
+    mean_c: Tensor,
     rstd_c: Tensor,
     gain_h: Tensor,
     gain_c: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    bias_c: Tensor,
+) -> tuple[Tensor, ...]:
+    """Also takes c_t, and returns beside dA, dc_{t-1} and d(h W_hh^T) this step's gradients
+    of gain_h, gain_c and bias_c (the fused layer-norm backward computes them in its pass)."""
     width = c_prev.size(1)
-    i, f, o = s[:, :width], s[:, width : 2 * width], s[:, 3 * width :]
-    d_norm_c = dh * o * (1 - tc * tc)  # d LN(c_t)
-    dc = dc + _norm_bwd(d_norm_c * gain_c, c_hat, rstd_c)
-    da = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                    dh * tc * o * (1 - o)], dim=1)  # fmt: skip
-    dhh = _norm_bwd(da * gain_h, hh_hat, rstd_h)
-    return da, dc * f, dhh, d_norm_c
+    d_norm_c = _tanh_grad(dh * s[:, 3 * width :], tc)  # d (LN(c_t) * gain_c + bias_c)
+    dc_norm, d_gain_c, d_bias_c = torch.ops.aten.native_layer_norm_backward(
+        d_norm_c, c, c.shape[1:], mean_c, rstd_c, gain_c, bias_c, [True, True, True]
+    )
+    dc = dc + dc_norm
+    da = _lstm_gates_bwd(dh, dc, c_prev, s, g, tc)
+    dhh, d_gain_h, _ = torch.ops.aten.native_layer_norm_backward(
+        da, hh, hh.shape[1:], mean_h, rstd_h, gain_h, None, [True, True, False]
+    )
+    return da, dc * s[:, width : 2 * width], dhh, d_gain_h, d_gain_c, d_bias_c
 
 
 class _StepMath(NamedTuple):
@@ -234,7 +251,8 @@ class _Recurrence(torch.autograd.Function):
                     h_in = h_in * mask
                 if kind == "lstm_ln":
                     hh = torch.mm(h_in, w_t).to(acc)
-                    h, c, *rest = step.fwd(pre[t].to(acc), hh, cs[-1], *extra32)
+                    # pre_t stays in its dtype: LN(hh) + pre_t promotes it to fp32
+                    h, c, *rest = step.fwd(pre[t], hh, cs[-1], *extra32)
                 else:  # pre_t + h W_hh^T as one product (bf16 under autocast, as nn.LSTM's)
                     gates = torch.addmm(pre[t], h_in, w_t).to(acc)
                     h, c, *rest = step.fwd(gates, cs[-1], *extra32)
@@ -267,13 +285,13 @@ class _Recurrence(torch.autograd.Function):
             # as it is, and the recurrent product's input without a copy
             d_pre = grad_out.new_empty(steps, grad_out.size(1), w.size(0))
             d_hh = d_pre if kind != "lstm_ln" else torch.empty_like(d_pre)  # d(h W_hh^T)
-            d_norm_cs = []
+            d_ln: list[list[Tensor]] = []  # lstm_ln: per step, the gains' and bias' gradients
             for t in range(steps - 1, -1, -1):
                 dh = dh_rec + grad_out[t]
                 if kind == "lstm_ln":
-                    da, dc, dhh, d_norm_c = step.bwd(dh, dc, cs[t], *saved[t], *extra32[:2])
+                    da, dc, dhh, *d_step = step.bwd(dh, dc, cs[t], cs[t + 1], *saved[t], *extra32)
                     d_hh[t] = dhh
-                    d_norm_cs.append(d_norm_c)
+                    d_ln.append(d_step)
                 else:
                     da, dc = step.bwd(dh, dc, cs[t], *saved[t], *extra32)
                 d_pre[t] = da
@@ -286,21 +304,17 @@ class _Recurrence(torch.autograd.Function):
                 h_prev = h_prev * h_mask.to(dtype)
             d_hh_flat = d_hh.reshape(-1, d_hh.size(-1))
             d_w = torch.mm(d_hh_flat.t(), h_prev.reshape(-1, h_prev.size(-1))).to(w_hh.dtype)
-            d_extra = _extra_grads(kind, d_pre, d_norm_cs[::-1], cs, saved, extra32)
+            d_extra = _extra_grads(kind, d_pre, cs, d_ln)
         d_h0 = dh_rec.to(h_dtype)
         d_extra = [g.to(d) for g, d in zip(d_extra, extra_dtypes, strict=True)]
         return (None, d_pre, d_h0, dc.to(c_dtype), d_w, None, *d_extra)
 
 
 def _extra_grads(
-    kind: str,
-    d_pre: Tensor,
-    d_norm_cs: list[Tensor],
-    cs: list[Tensor],
-    saved: list[list[Tensor]],
-    extra32: list[Tensor],
+    kind: str, d_pre: Tensor, cs: list[Tensor], d_ln: list[list[Tensor]]
 ) -> list[Tensor]:
-    """The variant's own weights' gradients, each one reduction over all steps and rows."""
+    """The variant's own weights' gradients: for peepholes one reduction over all steps and
+    rows; for layer norm the sum of the steps' (`_ln_bwd`)."""
     if kind == "lstm_peephole":
         width = cs[0].size(1)
         c_prev, c_new = torch.stack(cs[:-1]), torch.stack(cs[1:])  # (T, B, H)
@@ -309,12 +323,92 @@ def _extra_grads(
         d_o = (d_pre[..., 3 * width :] * c_new).sum((0, 1))
         return [torch.stack([d_i, d_f, d_o])]
     if kind == "lstm_ln":
-        # saved per step: s, g, tc, hh_hat, rstd_h, c_hat, rstd_c; d_pre is dA = d LN(hh) * gain
-        hh_hat = torch.stack([rest[3] for rest in saved])
-        c_hat = torch.stack([rest[5] for rest in saved])
-        d_norm_c = torch.stack(d_norm_cs)
-        return [(d_pre * hh_hat).sum((0, 1)), (d_norm_c * c_hat).sum((0, 1)), d_norm_c.sum((0, 1))]
+        return [torch.stack(per_step).sum(0) for per_step in zip(*d_ln, strict=True)]
     return []
+
+
+# -- one step as one autograd node (the input-feeding loop) ---------------------------------
+
+
+class _CellStep(torch.autograd.Function):
+    """One step of a variant's gate math with its hand-written backward (see `cell_step`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        kind: str,
+        dtype: torch.dtype,
+        a: Tensor,
+        c_prev: Tensor,
+        hh: Tensor | None,
+        *extra: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        step = _step_math[kind]
+        extra32 = [e.float() for e in extra]
+        if kind == "lstm_ln":
+            assert hh is not None
+            h, c, *rest = step.fwd(a, hh.float(), c_prev, *extra32)  # a + LN(hh): fp32
+        else:
+            h, c, *rest = step.fwd(a.float(), c_prev, *extra32)
+        ctx.kind = kind
+        ctx.saved = (rest, extra32)  # intermediates only: inputs and outputs go below
+        ctx.dtypes = (a.dtype, None if hh is None else hh.dtype, [e.dtype for e in extra])
+        ctx.save_for_backward(c_prev, c)
+        return h.to(dtype), c
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dh: Tensor, dc: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        kind = ctx.kind
+        rest, extra32 = ctx.saved
+        c_prev, c = ctx.saved_tensors
+        a_dtype, hh_dtype, extra_dtypes = ctx.dtypes
+        step = _step_math[kind]
+        width = c_prev.size(1)
+        d_hh = None
+        if kind == "lstm_ln":
+            da, dc_prev, dhh, *d_extra = step.bwd(dh.float(), dc, c_prev, c, *rest, *extra32)
+            d_hh = dhh.to(hh_dtype)
+        else:
+            da, dc_prev = step.bwd(dh.float(), dc, c_prev, *rest, *extra32)
+            d_extra = []
+            if kind == "lstm_peephole":
+                d_i = (da[:, :width] * c_prev).sum(0)
+                d_f = (da[:, width : 2 * width] * c_prev).sum(0)
+                d_extra = [torch.stack([d_i, d_f, (da[:, 3 * width :] * c).sum(0)])]
+        d_extra = [g.to(d) for g, d in zip(d_extra, extra_dtypes, strict=True)]
+        return (None, None, da.to(a_dtype), dc_prev, d_hh, *d_extra)
+
+
+def cell_step(
+    kind: str, dtype: torch.dtype, a: Tensor, c_prev: Tensor, hh: Tensor | None, extra: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """One step of a variant's gate math in fp32, as the layer's loop runs it, for a caller
+    that runs the products of the steps itself (`nmt.model.input_feeding`).
+
+    Args:
+        kind: an LSTM variant (`GATES`).
+        dtype: the dtype of h out (the products' dtype).
+        a: (B, G*H) the pre-activation: x_t W_ih^T + b + h_{t-1} W_hh^T; for lstm_ln
+            LN(x_t W_ih^T) + b only.
+        c_prev: (B, H) fp32.
+        hh: (B, G*H) h_{t-1} W_hh^T for lstm_ln (normalised here); None for the others.
+        extra: the layer's own weights (`RecurrentLayer.extra_weights`).
+    Returns:
+        h (B, H) in dtype and c (B, H) fp32. With gradients on, the step is one autograd node
+        with the hand-written backward; without, plain tensor code.
+    """
+    if torch.is_grad_enabled():
+        return _CellStep.apply(kind, dtype, a, c_prev, hh, *extra)  # type: ignore[no-any-return]
+    extra32 = [e.float() for e in extra]
+    fwd = _step_math[kind].fwd
+    if kind == "lstm_ln":
+        assert hh is not None
+        h, c, *_ = fwd(a, hh.float(), c_prev, *extra32)
+    else:
+        h, c, *_ = fwd(a.float(), c_prev, *extra32)
+    return h.to(dtype), c
 
 
 # -- the layer ----------------------------------------------------------------------------------
@@ -405,10 +499,10 @@ class RecurrentLayer(nn.Module):
         if self.kind != "lstm_ln":
             return F.linear(x_t, self.weight_ih_l0, self.bias_ih_l0 + self.bias_hh_l0)
         proj = F.linear(x_t, self.weight_ih_l0)
-        acc = torch.promote_types(proj.dtype, torch.float32)  # layer norm in fp32 at least
-        gain = self.ln_ih_weight.to(acc)
-        normed = F.layer_norm(proj.to(acc), proj.shape[-1:], gain, None, LN_EPS)
-        return (normed + (self.bias_ih_l0 + self.bias_hh_l0)).to(proj.dtype)
+        # one pass over the product in its dtype (bf16 under CPU autocast), statistics in fp32;
+        # the cast is for CUDA's autocast, whose layer norm returns fp32
+        bias = self.bias_ih_l0 + self.bias_hh_l0
+        return F.layer_norm(proj, proj.shape[-1:], self.ln_ih_weight, bias, LN_EPS).to(proj.dtype)
 
     def forward(
         self,
@@ -432,11 +526,13 @@ class RecurrentLayer(nn.Module):
         w_hh = self.weight_hh_l0 if w_mask is None else self.weight_hh_l0 * w_mask
         pre = self.input_projection(x)
         out, c = _Recurrence.apply(
-            self.kind, pre, state[0][0], state[1][0], w_hh, h_mask, *self._extra()
+            self.kind, pre, state[0][0], state[1][0], w_hh, h_mask, *self.extra_weights()
         )
         return out.transpose(0, 1), (out[-1].unsqueeze(0), c.unsqueeze(0))
 
-    def _extra(self) -> list[Tensor]:
+    def extra_weights(self) -> list[Tensor]:
+        """The variant's own weights, as `_Recurrence` and `cell_step` take them: the
+        peepholes (3, H); or the layer-norm gains and the cell's bias; none for the others."""
         if self.kind == "lstm_peephole":
             assert self.peephole is not None
             return [self.peephole]

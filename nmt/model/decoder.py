@@ -451,9 +451,10 @@ class LuongDecoder(Decoder):
     ) -> tuple[Tensor, Tensor]:
         """Teacher forcing. emb: (B, T, E) embedded tgt_in.
 
-        With input feeding, LSTM layers and a dot or general score, the step loop runs as
-        fused products with weight gradients summed once (`input_feeding_forward`); the plain
-        loop over `_block` otherwise, or when `reference_loop` is set.
+        With input feeding, layers `input_feeding.applies` takes (every cell) and a dot or
+        general score, the step loop runs as fused products with weight gradients summed once
+        (`input_feeding_forward`); the plain loop over `_block` otherwise, or when
+        `reference_loop` is set.
 
         Returns output vectors (B, T, H) for the output projection and attention (B, T, S).
         """
@@ -461,7 +462,6 @@ class LuongDecoder(Decoder):
         if (
             not self.input_feeding
             or self.reference_loop
-            or not self.is_lstm
             or type(self.combine) is not nn.Linear
             or not input_feeding.applies(self.layers, keys, self.residual_from)
         ):

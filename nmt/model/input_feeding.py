@@ -6,7 +6,11 @@ it can, and gives the same logits and gradients as the plain loop over `Decoder.
 
 - The embedding's share of the bottom layer's input projection, with both biases, is one
   product over all target positions; a step multiplies only [h~_{t-1}; h_{t-1}] by
-  [W_ih_rest | W_hh]^T, one matmul per layer per step (weights cast once, not per step).
+  [W_ih_rest | W_hh]^T, one matmul per layer per step (weights cast once, not per step), or
+  two where h_{t-1}'s product has to stay apart (GRU's n gate, lstm_ln's two layer norms).
+- Every cell runs here: nn.LSTM and nn.GRU with their gate math written out, our
+  `RecurrentLayer` variants through their own step functions and backward (`cell_step`),
+  recurrent dropout and weight drop included (`_Layer`).
 - The context half of the combine layer (eq. 5) is moved in front of the attention sum:
   W_c1 c_t = sum_s a_t(s) (W_c1 h_s), so V W_c1^T is one product per batch and a step's
   attention and combine take one batched product.
@@ -21,9 +25,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.attention import EncoderMemory
+from nmt.model.cells import LN_EPS, RecurrentLayer, RecurrentNoise, cell_step
 
 
 class _LoopProducts(torch.autograd.Function):
@@ -95,8 +101,8 @@ class _Products(NamedTuple):
 
 
 def _lstm_pointwise(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
-    """The LSTM's gate math in fp32 (gate order i, f, g, o as in nn.LSTM): on CPU bf16
-    sigmoid and tanh run several times slower than fp32 ones, and fp32 costs nothing on GPUs.
+    """nn.LSTM's gate math in fp32 (gate order i, f, g, o): on CPU bf16 sigmoid and tanh run
+    several times slower than fp32 ones, and fp32 costs nothing on GPUs.
     gates: (B, 4H) any float dtype; cell: (B, H) fp32. Returns h (B, H) in gates' dtype and
     c (B, H) fp32."""
     in_gate, forget, cell_in, out_gate = gates.float().chunk(4, dim=1)
@@ -104,15 +110,131 @@ def _lstm_pointwise(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
     return (torch.sigmoid(out_gate) * torch.tanh(c)).to(gates.dtype), c
 
 
+def _gru_pointwise(gi: Tensor, gh: Tensor, hidden: Tensor) -> Tensor:
+    """nn.GRU's gate math in fp32 (gate order r, z, n): r and z from gi + gh,
+    n = tanh(gi_n + r * gh_n), h' = (1 - z) * n + z * h.
+    gi: (B, 3H) x W_ih^T + b_ih; gh: (B, 3H) h W_hh^T + b_hh, apart from gi for the n gate;
+    hidden: (B, H). Returns h' (B, H) in gi's dtype."""
+    width = hidden.size(1)
+    gi32, gh32 = gi.float(), gh.float()
+    reset, update = torch.sigmoid(gi32[:, : 2 * width] + gh32[:, : 2 * width]).chunk(2, dim=1)
+    new = torch.tanh(torch.addcmul(gi32[:, 2 * width :], reset, gh32[:, 2 * width :]))
+    return torch.lerp(new, hidden.float(), update).to(gi.dtype)
+
+
+def _supported(layer: nn.Module) -> bool:
+    if type(layer) in (nn.LSTM, nn.GRU):
+        return bool(cast(nn.RNNBase, layer).bias)
+    return isinstance(layer, RecurrentLayer)
+
+
 def applies(layers: nn.ModuleList, keys: Tensor | None, residual_from: int) -> bool:
-    """Whether `input_feeding_forward` can run this decoder: plain nn.LSTM layers with biases
-    (not, for example, quantised ones), a score that is one product of the query, and a bottom
-    layer without a residual add."""
-    return (
-        keys is not None
-        and residual_from >= 1
-        and all(type(layer) is nn.LSTM and layer.bias for layer in layers)
-    )
+    """Whether `input_feeding_forward` can run this decoder: plain nn.LSTM or nn.GRU layers
+    with biases (not, for example, quantised ones) or our `RecurrentLayer`s (recurrent dropout
+    and weight drop included), a score that is one product of the query, and a bottom layer
+    without a residual add."""
+    return keys is not None and residual_from >= 1 and all(_supported(layer) for layer in layers)
+
+
+class _Layer:
+    """One decoder layer in the loop: its per-step products, built once per batch, and its step.
+
+    The bottom layer's input projection takes the embeddings' share for all steps as one
+    product; a step multiplies only the rest of a layer's input x (h~_{t-1} at the bottom, the
+    layer below's output above) and h_{t-1}, by detached weights (`_Products`):
+
+    - nn.LSTM, lstm_peephole, lstm_cifg: gates = base_t + [x; h] [W_ih | W_hh]^T, one matmul,
+      base_t holding both biases (and the embeddings' share).
+    - lstm_ln: x W_ih^T and h W_hh^T are normalised apart (Ba et al., 2016, sec. 6): two
+      products; LN(x W_ih^T) * gain + b is one F.layer_norm, LN(h W_hh^T) the cell's step.
+    - nn.GRU: the n gate reads r * (W_hn h + b_hn), so x W_ih^T + b_ih and h W_hh^T + b_hh
+      are two products.
+
+    The gate math runs in fp32: nn.LSTM's and nn.GRU's here, our cells' as `cell_step` (their
+    step functions and hand-written backward). Recurrent dropout multiplies h_{t-1} in the
+    recurrent product and weight drop W_hh, with the batch's masks, as the layer's loop does.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        emb: Tensor | None,
+        like: Tensor,
+        steps: int,
+        batch: int,
+        noise: RecurrentNoise | None,
+    ) -> None:
+        """emb: (B, T, E) for the bottom layer, whose first E inputs it is; None above.
+        like: a tensor in the compute dtype; noise: the layer's masks for this batch."""
+        dtype = like.dtype
+        self.dtype = dtype
+        self.extra: list[Tensor] = []
+        if isinstance(layer, RecurrentLayer):
+            self.kind = layer.kind
+            self.extra = layer.extra_weights()
+        else:
+            self.kind = "gru" if type(layer) is nn.GRU else "nn.lstm"
+        # nn.LSTM's, nn.GRU's and our layer's names alike
+        w_ih, w_hh, b_ih, b_hh = (
+            cast(Tensor, getattr(layer, name))
+            for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        )
+        h_mask = None if noise is None else noise.h_mask
+        self.h_mask = None if h_mask is None else h_mask.to(dtype)
+        if noise is not None and noise.w_mask is not None:
+            w_hh = w_hh * noise.w_mask  # DropConnect, once per batch
+        dim = 0 if emb is None else emb.size(-1)  # W_ih's columns in the embeddings' product
+        if self.kind in ("lstm_ln", "gru"):
+            w_rest = w_ih[:, dim:].contiguous()  # (G*H, In')
+            in_bias = b_ih if self.kind == "gru" else None
+            base = _input_base(w_ih, in_bias, emb, like, steps, batch)
+            self.inputs = _Products.build(base, [w_rest.to(dtype).t()])
+            rec_base = (
+                b_hh.to(dtype).expand(steps, batch, -1)
+                if self.kind == "gru"
+                else like.new_zeros(()).expand(steps, batch, w_hh.size(0))
+            )
+            self.recurrent = _Products.build(rec_base, [w_hh.to(dtype).t()])
+            if isinstance(layer, RecurrentLayer):  # lstm_ln: LN(x W_ih^T) * gain + b_ih + b_hh
+                self.ln_input = (layer.ln_ih_weight, b_ih + b_hh)
+        else:
+            base = _input_base(w_ih, b_ih + b_hh, emb, like, steps, batch)
+            weights = torch.cat([w_ih[:, dim:], w_hh], dim=1).to(dtype).t()  # (In' + H, G*H)
+            self.inputs = _Products.build(base, [weights])
+
+    def step(self, t: int, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+        """Step t over x (B, In') from h_{t-1} (B, H) and c_{t-1} (B, H) fp32 ((B, 0) for
+        GRU). Returns h_t in the compute dtype and c_t."""
+        h_rec = hidden if self.h_mask is None else hidden * self.h_mask
+        if self.kind == "gru":
+            gi = self.inputs.shared(t, x)
+            return _gru_pointwise(gi, self.recurrent.shared(t, h_rec), hidden), cell
+        if self.kind == "lstm_ln":
+            proj = self.inputs.shared(t, x).float()  # (a mixed-dtype layer norm is CPU-only)
+            a = F.layer_norm(proj, proj.shape[-1:], *self.ln_input, LN_EPS)
+            hh = self.recurrent.shared(t, h_rec)
+            return cell_step(self.kind, self.dtype, a, cell, hh, self.extra)
+        gates = self.inputs.shared(t, torch.cat([x, h_rec], dim=1))
+        if self.kind == "nn.lstm":
+            return _lstm_pointwise(gates, cell)
+        return cell_step(self.kind, self.dtype, gates, cell, None, self.extra)
+
+
+def _input_base(
+    w_ih: Tensor, bias: Tensor | None, emb: Tensor | None, like: Tensor, steps: int, batch: int
+) -> Tensor:
+    """(T, B, G*H): the bias, plus for the bottom layer (emb (B, T, E)) the embeddings' share
+    [W_ih_emb] y_t of every step as one product."""
+    dtype = like.dtype
+    if emb is None:
+        if bias is None:
+            return like.new_zeros(()).expand(steps, batch, w_ih.size(0))
+        return bias.to(dtype).expand(steps, batch, -1)
+    dim = emb.size(-1)
+    flat = emb.transpose(0, 1).reshape(-1, dim)
+    w_emb = w_ih[:, :dim].to(dtype).t()
+    proj = flat @ w_emb if bias is None else torch.addmm(bias.to(dtype), flat, w_emb)
+    return proj.view(steps, batch, -1)
 
 
 def input_feeding_forward(
@@ -131,10 +253,11 @@ def input_feeding_forward(
 
     Args:
         emb: (B, T, E) embedded tgt_in, in the compute dtype (bf16 under autocast).
-        hidden, cell: (L, B, H) the initial state; attn_vector: (B, H) h~_0.
-        memory: the encoder memory; keys: (B, S, H) K with scores = h_t K^T (eq. 8, dot or
-            general).
-        layers: the L nn.LSTM layers, the bottom one over [y; h~] (E + H inputs).
+        hidden, cell: (L, B, H) the initial state ((L, B, 0) cell for GRU); attn_vector: (B, H)
+            h~_0.
+        memory: the encoder memory (with the batch's recurrent masks in training); keys:
+            (B, S, H) K with scores = h_t K^T (eq. 8, dot or general).
+        layers: the L layers (`applies`), the bottom one over [y; h~] (E + H inputs).
         combine: W_c (H, He + H), eq. 5.
         residual_from: layers at this index (>= 1) and above add their input.
         masks: per layer above the bottom, the dropout mask of its input, (B, T, H) or
@@ -143,22 +266,19 @@ def input_feeding_forward(
         h~ (B, T, H) before output dropout, and attention weights (B, T, S) fp32.
     """
     dtype = emb.dtype
-    batch, steps, dim = emb.shape
+    batch, steps, _ = emb.shape
     width = hidden.size(-1)
     device = emb.device.type
     with torch.autocast(device, enabled=False):  # every cast below is explicit and once
-        # bottom layer: [W_ih_emb] y_t + b_ih + b_hh for all t in one product
-        w_ih, w_hh, b_ih, b_hh = cast(nn.LSTM, layers[0]).all_weights[0]
-        pre = torch.addmm(
-            (b_ih + b_hh).to(dtype),
-            emb.transpose(0, 1).reshape(-1, dim),
-            w_ih[:, :dim].to(dtype).t(),
-        ).view(steps, batch, -1)  # (T, B, 4H)
-        stack = [_Products.build(pre, [torch.cat([w_ih[:, dim:], w_hh], 1).to(dtype).t()])]
-        for layer in layers[1:]:
-            w_ih, w_hh, b_ih, b_hh = cast(nn.LSTM, layer).all_weights[0]
-            bias = (b_ih + b_hh).to(dtype).expand(steps, batch, -1)
-            stack.append(_Products.build(bias, [torch.cat([w_ih, w_hh], 1).to(dtype).t()]))
+        stack = []
+        for i, layer in enumerate(layers):
+            if memory.noise is not None:
+                noise = memory.noise.recurrent[i]
+            elif isinstance(layer, RecurrentLayer):
+                noise = layer.sample_noise(batch, emb)
+            else:
+                noise = None
+            stack.append(_Layer(layer, emb if i == 0 else None, emb, steps, batch, noise))
         # eq. 8 scores h_t K^T; padding (and source a wait-k step has not read) gets -inf, so a
         # zero weight, through the base
         visible = memory.visible()  # (B, S), or (B, T, S) with a wait-k mask
@@ -179,14 +299,12 @@ def input_feeding_forward(
         outs: list[Tensor] = []
         attns: list[Tensor] = []
         for t in range(steps):
-            gates = stack[0].shared(t, torch.cat([feed, hs[0]], dim=1))
-            hs[0], cs[0] = _lstm_pointwise(gates, cs[0])
+            hs[0], cs[0] = stack[0].step(t, feed, hs[0], cs[0])
             x = hs[0]
             for i in range(1, len(layers)):
                 mask = step_masks[i]
                 inp = x if mask is None else x * mask[t if len(mask) > 1 else 0]
-                gates = stack[i].shared(t, torch.cat([inp, hs[i]], dim=1))
-                hs[i], cs[i] = _lstm_pointwise(gates, cs[i])
+                hs[i], cs[i] = stack[i].step(t, inp, hs[i], cs[i])
                 x = hs[i] + x if i >= residual_from else hs[i]
             weights = scores.per_row(t, x).float().softmax(dim=-1)  # (B, S), eq. 7
             pre_tilde = out_proj.shared(t, x)
