@@ -135,12 +135,21 @@ def _peephole_bwd(
 
 
 def _ln_fwd(
-    a: Tensor, hh: Tensor, c_prev: Tensor, gain_h: Tensor, gain_c: Tensor, bias_c: Tensor
+    a: Tensor,
+    hh: Tensor,
+    c_prev: Tensor,
+    gain_h: Tensor,
+    gain_c: Tensor,
+    bias_c: Tensor,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, ...]:
     # Ba et al. (2016), sec. 6: gates = LN(W_h h) + LN(W_x x) + b (LN(W_x x) is in `a`),
     # c_t as in the LSTM, h_t = o * tanh(LN(c_t)); each LN is one fused kernel (gain and bias
-    # included) that returns the statistics its backward reuses
+    # included) that returns the statistics its backward reuses. hh comes and h goes in the
+    # products' dtype, the math runs in c's: the casts are in here, so that a compiled step
+    # fuses them too
     width = c_prev.size(1)
+    hh = hh.to(c_prev.dtype)  # kept for the backward in the math's dtype
     hh_norm, mean_h, rstd_h = torch.native_layer_norm(hh, hh.shape[1:], gain_h, None, LN_EPS)
     s_in = a + hh_norm
     s = torch.sigmoid(s_in)
@@ -148,7 +157,8 @@ def _ln_fwd(
     c = torch.addcmul(s[:, width : 2 * width] * c_prev, s[:, :width], g)
     c_norm, mean_c, rstd_c = torch.native_layer_norm(c, c.shape[1:], gain_c, bias_c, LN_EPS)
     tc = torch.tanh(c_norm)
-    return s[:, 3 * width :] * tc, c, s, g, tc, hh, mean_h, rstd_h, mean_c, rstd_c
+    h = (s[:, 3 * width :] * tc).to(dtype)
+    return h, c, s, g, tc, hh, mean_h, rstd_h, mean_c, rstd_c
 
 
 def _ln_bwd(
@@ -167,10 +177,14 @@ def _ln_bwd(
     gain_h: Tensor,
     gain_c: Tensor,
     bias_c: Tensor,
+    da_dtype: torch.dtype,
+    dhh_dtype: torch.dtype,
 ) -> tuple[Tensor, ...]:
-    """Also takes c_t, and returns beside dA, dc_{t-1} and d(h W_hh^T) this step's gradients
-    of gain_h, gain_c and bias_c (the fused layer-norm backward computes them in its pass)."""
+    """Also takes c_t, and returns beside dA (in da_dtype), dc_{t-1} and d(h W_hh^T) (in
+    dhh_dtype) this step's gradients of gain_h, gain_c and bias_c (the fused layer-norm
+    backward computes them in its pass). dh may come in any float dtype; the math runs in c's."""
     width = c_prev.size(1)
+    dh = dh.to(c_prev.dtype)
     d_norm_c = _tanh_grad(dh * s[:, 3 * width :], tc)  # d (LN(c_t) * gain_c + bias_c)
     dc_norm, d_gain_c, d_bias_c = torch.ops.aten.native_layer_norm_backward(
         d_norm_c, c, c.shape[1:], mean_c, rstd_c, gain_c, bias_c, [True, True, True]
@@ -180,7 +194,8 @@ def _ln_bwd(
     dhh, d_gain_h, _ = torch.ops.aten.native_layer_norm_backward(
         da, hh, hh.shape[1:], mean_h, rstd_h, gain_h, None, [True, True, False]
     )
-    return da, dc * s[:, width : 2 * width], dhh, d_gain_h, d_gain_c, d_bias_c
+    dc_prev = dc * s[:, width : 2 * width]
+    return da.to(da_dtype), dc_prev, dhh.to(dhh_dtype), d_gain_h, d_gain_c, d_bias_c
 
 
 class _StepMath(NamedTuple):
@@ -204,9 +219,9 @@ def compile_pointwise(enabled: bool) -> None:
     """Runs the gate math through torch.compile (True) or as plain tensor code (False)."""
     if enabled and not _compiled:
         for kind, math_ in _EAGER.items():
-            _compiled[kind] = _StepMath(
-                torch.compile(math_.fwd, dynamic=False), torch.compile(math_.bwd, dynamic=False)
-            )
+            # default dynamic: the first batch size compiles static, a second one recompiles
+            # with the batch dimension symbolic (token-bounded batches vary it), not once each
+            _compiled[kind] = _StepMath(torch.compile(math_.fwd), torch.compile(math_.bwd))
     _step_math.update(_compiled if enabled else _EAGER)
 
 
@@ -250,9 +265,9 @@ class _Recurrence(torch.autograd.Function):
                 if mask is not None:
                     h_in = h_in * mask
                 if kind == "lstm_ln":
-                    hh = torch.mm(h_in, w_t).to(acc)
-                    # pre_t stays in its dtype: LN(hh) + pre_t promotes it to fp32
-                    h, c, *rest = step.fwd(pre[t], hh, cs[-1], *extra32)
+                    # pre_t and hh stay in their dtype: the step casts (LN(hh) + pre_t: fp32)
+                    hh = torch.mm(h_in, w_t)
+                    h, c, *rest = step.fwd(pre[t], hh, cs[-1], *extra32, dtype)
                 else:  # pre_t + h W_hh^T as one product (bf16 under autocast, as nn.LSTM's)
                     gates = torch.addmm(pre[t], h_in, w_t).to(acc)
                     h, c, *rest = step.fwd(gates, cs[-1], *extra32)
@@ -289,7 +304,9 @@ class _Recurrence(torch.autograd.Function):
             for t in range(steps - 1, -1, -1):
                 dh = dh_rec + grad_out[t]
                 if kind == "lstm_ln":
-                    da, dc, dhh, *d_step = step.bwd(dh, dc, cs[t], cs[t + 1], *saved[t], *extra32)
+                    da, dc, dhh, *d_step = step.bwd(
+                        dh, dc, cs[t], cs[t + 1], *saved[t], *extra32, dtype, dtype
+                    )
                     d_hh[t] = dhh
                     d_ln.append(d_step)
                 else:
@@ -347,14 +364,15 @@ class _CellStep(torch.autograd.Function):
         extra32 = [e.float() for e in extra]
         if kind == "lstm_ln":
             assert hh is not None
-            h, c, *rest = step.fwd(a, hh.float(), c_prev, *extra32)  # a + LN(hh): fp32
+            h, c, *rest = step.fwd(a, hh, c_prev, *extra32, dtype)  # a + LN(hh): fp32
         else:
             h, c, *rest = step.fwd(a.float(), c_prev, *extra32)
+            h = h.to(dtype)
         ctx.kind = kind
         ctx.saved = (rest, extra32)  # intermediates only: inputs and outputs go below
         ctx.dtypes = (a.dtype, None if hh is None else hh.dtype, [e.dtype for e in extra])
         ctx.save_for_backward(c_prev, c)
-        return h.to(dtype), c
+        return h, c
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -368,8 +386,9 @@ class _CellStep(torch.autograd.Function):
         width = c_prev.size(1)
         d_hh = None
         if kind == "lstm_ln":
-            da, dc_prev, dhh, *d_extra = step.bwd(dh.float(), dc, c_prev, c, *rest, *extra32)
-            d_hh = dhh.to(hh_dtype)
+            da, dc_prev, d_hh, *d_extra = step.bwd(
+                dh, dc, c_prev, c, *rest, *extra32, a_dtype, hh_dtype
+            )
         else:
             da, dc_prev = step.bwd(dh.float(), dc, c_prev, *rest, *extra32)
             d_extra = []
@@ -405,9 +424,9 @@ def cell_step(
     fwd = _step_math[kind].fwd
     if kind == "lstm_ln":
         assert hh is not None
-        h, c, *_ = fwd(a, hh.float(), c_prev, *extra32)
-    else:
-        h, c, *_ = fwd(a.float(), c_prev, *extra32)
+        h, c, *_ = fwd(a, hh, c_prev, *extra32, dtype)
+        return h, c
+    h, c, *_ = fwd(a.float(), c_prev, *extra32)
     return h.to(dtype), c
 
 
