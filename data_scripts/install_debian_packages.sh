@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that hold the offline Bible corpus (SWORD modules), when missing.
+# Installs the Debian packages that hold the offline Bible corpus (SWORD modules), and jemalloc,
+# which `nmt train` runs on when it is there (see nmt/allocator.py), when missing.
 set -euo pipefail
-packages=(sword-text-sparv sword-text-web)
+packages=(sword-text-sparv sword-text-web libjemalloc2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,7 +16,7 @@ elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
   sudo apt-get update -qq
   sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  echo "The Bible corpus needs Debian packages that are not installed: ${missing[*]}" >&2
+  echo "The Bible corpus and jemalloc need Debian packages that are not installed: ${missing[*]}" >&2
   echo "Install them with:  sudo apt-get install ${missing[*]}" >&2
   echo "(continuing: everything except data_scripts/bible.py works without them)" >&2
 fi

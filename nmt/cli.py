@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         "serve": cmd_serve, "average": cmd_average, "info": cmd_info, "export": cmd_export,
     }  # fmt: skip
     try:
+        if args.command == "train" and argv is None:  # the command line, not a caller in Python
+            from nmt.allocator import restart_with_jemalloc
+
+            restart_with_jemalloc(sys.argv[1:])
         return handlers[args.command](args)
     except (ConfigError, CorpusError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"nmt {args.command}: error: {err}", file=sys.stderr)
@@ -222,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nmt.allocator import allocator_in_use
     from nmt.config import load_config
     from nmt.train import TrainingError, TrainingInterrupted, train
 
     cfg = load_config(args.config, args.overrides)
     run_dir = args.run_dir or Path("runs") / cfg.name
+    logging.getLogger("nmt.train").info("memory allocator: %s", allocator_in_use())
     try:
         result = train(cfg, run_dir, resume=args.resume, reset_optimizer=args.reset_optimizer,
                        progress=not args.no_progress)  # fmt: skip

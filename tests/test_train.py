@@ -326,3 +326,29 @@ def test_freed_heap_goes_back_to_the_os() -> None:
                          check=True).stdout.split()  # fmt: skip
     before, after = float(out[0]), float(out[1])
     assert before > 250 and after < before - 200, (before, after)
+
+
+def test_nmt_train_runs_on_jemalloc_where_installed(toy_translation_dir: Path, tmp_path: Path):
+    """`nmt train` restarts itself with jemalloc preloaded when the library is there (it keeps
+    resident memory flat); NMT_ALLOCATOR=system keeps glibc's; a bad value is a clear error."""
+    from nmt.allocator import jemalloc_library
+
+    def run(name: str, allocator: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "nmt.cli", "train", "--config", str(TINY), "--run-dir",
+               str(tmp_path / name), "--no-progress", "--set", f"data.corpus={toy_translation_dir}",
+               "--set", "data.src_lang=src", "--set", "data.tgt_lang=tgt",
+               "--set", "train.max_steps=2", "--set", "train.valid_max_sentences=2"]  # fmt: skip
+        env = {**os.environ, "NMT_ALLOCATOR": allocator}
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    system = run("system", "system")
+    assert system.returncode == 0, system.stderr
+    assert "memory allocator: system" in system.stderr
+    bad = run("bad", "tcmalloc")
+    assert bad.returncode == 2 and "NMT_ALLOCATOR must be 'jemalloc' or 'system'" in bad.stderr
+    if jemalloc_library() is None:
+        pytest.skip("jemalloc is not installed (Debian: libjemalloc2)")
+    default = run("default", "jemalloc")
+    assert default.returncode == 0, default.stderr
+    assert "memory allocator: jemalloc" in default.stderr
+    assert (tmp_path / "default" / "model" / "model.safetensors").is_file()
