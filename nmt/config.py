@@ -154,6 +154,9 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     nan_policy: Literal["stop", "skip"] = "stop"
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
+    # run the gate math of lstm_ln / lstm_peephole / lstm_cifg through torch.compile (one
+    # generated kernel per step; needs a C++ compiler, ~15 s at start): faster, off by default
+    compile_cells: bool = False
     # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
     # only. k, or [lo, hi] to draw k per batch from that range so one model serves every k
     # (Elbayad et al., 2020); null: full-sentence training. Needs model.encoder.layout: uni.
@@ -375,6 +378,11 @@ def validate(cfg: Config) -> None:
                 f"model.cell={m.cell!r}: the fused nn.{m.cell.upper()} kernel cannot apply it; "
                 "use cell lstm_ln, lstm_peephole or lstm_cifg, or set it to 0",
             )
+    _check(
+        not cfg.train.compile_cells or m.cell not in ("lstm", "gru"),
+        f"train.compile_cells applies to the cells on our recurrence layer (lstm_ln, "
+        f"lstm_peephole, lstm_cifg), not to model.cell={m.cell!r}, which runs on fused kernels",
+    )
     _check(
         cfg.tokenizer.vocab_size >= 16,
         f"tokenizer.vocab_size is too small: {cfg.tokenizer.vocab_size}",

@@ -267,3 +267,33 @@ def test_per_cell_bible_configs_differ_from_the_default_only_in_the_cell(cell: s
     assert cfg.train == default.train and cfg.data == default.data
     model = build_model(cfg.model, 100, 100, tm.PAD)
     assert count_parameters(model)["total"] > 0
+
+
+def test_compiled_gate_math_is_refused_for_the_fused_cells():
+    with pytest.raises(ConfigError, match="train.compile_cells"):
+        config_from_dict({"model": {"cell": "lstm"}, "train": {"compile_cells": True}})
+    cfg = config_from_dict({"model": {"cell": "lstm_ln"}, "train": {"compile_cells": True}})
+    assert cfg.train.compile_cells
+
+
+def test_compiled_gate_math_gives_the_eager_results():
+    """`train.compile_cells`: the layer-normalised cell through torch.compile'd step functions
+    gives the outputs and gradients of the eager ones (fp32)."""
+    from nmt.model.cells import compile_pointwise
+
+    torch.manual_seed(0)
+    layer = RecurrentLayer("lstm_ln", 6, 5)
+    x = torch.randn(3, 7, 6)
+    h0, c0 = torch.randn(1, 3, 5), torch.randn(1, 3, 5)
+    results = []
+    try:
+        for compiled in (False, True):
+            compile_pointwise(compiled)
+            layer.zero_grad()
+            out, (h, c) = layer(x, (h0, c0))
+            (out.square().sum() + c.sum()).backward()
+            results.append([out, h, c, *(p.grad.clone() for p in layer.parameters())])
+    finally:
+        compile_pointwise(False)
+    for eager, compiled_ in zip(*results, strict=True):
+        torch.testing.assert_close(compiled_, eager, atol=1e-5, rtol=1e-5)
