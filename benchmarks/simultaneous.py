@@ -64,7 +64,7 @@ def curve(models: list[Path], ks: list[int], n: int, beam: int) -> list[dict[str
             for i, r in translate_corpus(translator, src, options):
                 hyps[i] = r.text
             bleu = score_files_text(hyps, [ref], bootstrap=0)["bleu"]["score"]
-            rows.append({"model": name, "decoding": f"full sentence, beam {beam_size}",
+            rows.append({"model": name, "model_dir": str(model_dir), "decoding": f"full sentence, beam {beam_size}",
                          "bleu": round(bleu, 2), "sentences": len(src),
                          "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -80,7 +80,7 @@ def curve(models: list[Path], ks: list[int], n: int, beam: int) -> list[dict[str
             bleu = score_files_text([s.text for s in sims], [ref], bootstrap=0)["bleu"]["score"]
             lat = corpus_latency([s.delays for s in sims], [s.source_length for s in sims],
                                  ref_lengths)  # fmt: skip
-            rows.append({"model": name, "decoding": f"wait-{k}", "bleu": round(bleu, 2),
+            rows.append({"model": name, "model_dir": str(model_dir), "decoding": f"wait-{k}", "bleu": round(bleu, 2),
                          "al": round(lat.al, 2), "ap": round(lat.ap, 3), "dal": round(lat.dal, 2),
                          "sentences": len(src),
                          "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
