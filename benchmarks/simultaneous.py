@@ -13,6 +13,7 @@
 
     python -m benchmarks.simultaneous curve --model runs/uni/model --model runs/waitk/model \
         --k 1 3 5 7 --sentences 300
+    python -m benchmarks.simultaneous offline --model runs/waitk/model --k 1 3 5 7
     python -m benchmarks.simultaneous live --model runs/waitk/model --clients 8 --k 3
 
 Clients share the machine with the server in `live`, so they compete with it for CPU. A wait-k
@@ -82,6 +83,32 @@ def curve(models: list[Path], ks: list[int], n: int, beam: int) -> list[dict[str
                                  ref_lengths)  # fmt: skip
             rows.append({"model": name, "model_dir": str(model_dir), "decoding": f"wait-{k}", "bleu": round(bleu, 2),
                          "al": round(lat.al, 2), "ap": round(lat.ap, 3), "dal": round(lat.dal, 2),
+                         "sentences": len(src),
+                         "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def offline(models: list[Path], ks: list[int], n: int) -> list[dict[str, Any]]:
+    """Wait-k BLEU of whole test sentences decoded offline (`nmt.simultaneous.wait_k_texts`,
+    the same output as the live policy, without the latency bookkeeping): fast enough for the
+    whole test set. A per-k model is decoded at its own k only, as in `curve`."""
+    from nmt.metrics import score_files_text
+    from nmt.simultaneous import wait_k_texts
+    from nmt.translate import Translator
+
+    src, ref = _lines(TEST_SRC, n), _lines(TEST_REF, n)
+    rows: list[dict[str, Any]] = []
+    for model_dir in models:
+        translator = Translator.load(model_dir)
+        ids = translator.tokenizer.encode_src(src)
+        trained_k = translator.cfg.train.wait_k
+        for k in [k for k in ks if not isinstance(trained_k, int) or k == trained_k]:
+            start = time.perf_counter()
+            hyps = wait_k_texts(translator, ids, k)
+            bleu = score_files_text(hyps, [ref], bootstrap=0)["bleu"]["score"]
+            rows.append({"model": translator.cfg.name, "model_dir": str(model_dir),
+                         "decoding": f"wait-{k}, offline", "bleu": round(bleu, 2),
                          "sentences": len(src),
                          "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -167,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5, 7])
     p.add_argument("--sentences", type=int, default=300, help="first N test sentences (0: all)")
     p.add_argument("--beam", type=int, default=5, help="also decode full sentences with this beam")
+    p = sub.add_parser("offline", help="wait-k BLEU of whole sentences decoded offline")
+    p.add_argument("--model", type=Path, action="append", required=True)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5, 7])
+    p.add_argument("--sentences", type=int, default=0, help="first N test sentences (0: all)")
     p = sub.add_parser("live", help="release latency of /v1/translate/live")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--clients", type=int, default=8)
@@ -182,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         rows = curve(args.model, args.k, args.sentences, args.beam)
+    elif args.what == "offline":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        rows = offline(args.model, args.k, args.sentences)
     else:
         rows = [live(args.model, args.clients, args.sentences_per_client, args.k, args.word_ms,
                      args.threads)]  # fmt: skip

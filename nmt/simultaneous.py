@@ -43,6 +43,7 @@ from nmt.config import Config
 from nmt.model import EncoderMemory, Seq2Seq
 from nmt.model.decoder import DecoderState
 from nmt.model.encoder import EncoderState
+from nmt.results import batched
 from nmt.search import EncodedSource, Hypothesis, SearchOptions, max_lengths
 from nmt.translate import Translator, autocast
 
@@ -200,15 +201,27 @@ def translate_wait_k(
     translator: Translator, texts: list[str], k: int, options: SearchOptions | None = None
 ) -> list[str]:
     """Offline wait-k translations of whole sentences (`wait_k_search`), detokenised."""
-    if not texts:
-        return []
-    ids = translator.tokenizer.encode_src(texts)
-    batch = translator._batch(ids)
-    with torch.no_grad(), autocast(translator.device, translator.precision):
-        hyps = wait_k_search(
-            check_streaming_model(translator.model), batch, k, options or translator.options
-        )
-    return translator.tokenizer.decode_tgt([h.tokens for h in hyps])
+    return wait_k_texts(translator, translator.tokenizer.encode_src(texts), k, options)
+
+
+def wait_k_texts(
+    translator: Translator, ids: list[list[int]], k: int, options: SearchOptions | None = None
+) -> list[str]:
+    """Offline wait-k translations of encoded sources, in input order, decoded in batches of
+    similar length as `translate_encoded` batches them (`decode.batch_tokens`); an empty
+    source gives an empty translation."""
+    texts = [""] * len(ids)
+    lengths = [len(s) for s in ids]
+    order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -lengths[i])
+    model = check_streaming_model(translator.model)
+    for rows in batched(order, lengths, translator.cfg.decode.batch_tokens):
+        batch = translator._batch([ids[i] for i in rows])
+        with torch.no_grad(), autocast(translator.device, translator.precision):
+            hyps = wait_k_search(model, batch, k, options or translator.options)
+        decoded = translator.tokenizer.decode_tgt([h.tokens for h in hyps])
+        for i, text in zip(rows, decoded, strict=True):
+            texts[i] = text
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,13 +21,12 @@ from nmt.data import EncodedCorpus, TokenBatchSampler
 from nmt.loss import label_smoothed_nll
 from nmt.metrics import corpus_scores
 from nmt.model import Seq2Seq
-from nmt.search import SearchOptions
+from nmt.simultaneous import default_wait_k, wait_k_texts
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card
 from nmt.translate import Translator, autocast, translate_encoded
 
 logger = logging.getLogger(__name__)
-WAIT_K_BATCH = 64  # sentences per offline wait-k decoding batch
 
 
 def resolve_split(cfg: Config, split: str) -> tuple[Path, Path]:
@@ -72,8 +71,6 @@ def validate(
     A model trained wait-k (`train.wait_k`) is scored as it will be used: its loss under the
     wait-k mask and its BLEU from wait-k decoding, at its live k (`default_wait_k`: the training
     k, or 3 within a multi-k range), so checkpoints are chosen for simultaneous translation."""
-    from nmt.simultaneous import default_wait_k
-
     inner = model
     inner.eval()
     tc = cfg.train
@@ -104,7 +101,7 @@ def validate(
         for i, result in translate_encoded(translator, dev.src_ids(n), options):
             texts[i] = result.text
     else:
-        texts = _wait_k_texts(translator, dev.src_ids(n), wait_k, options)
+        texts = wait_k_texts(translator, dev.src_ids(n), wait_k, options)
     refs = dev_refs[:n]
     scores = corpus_scores(texts, [refs])
     inner.train()
@@ -120,26 +117,6 @@ def validate(
         "bleu_signature": scores.bleu_signature,
         "dev_sentences": n,
     }
-
-
-def _wait_k_texts(
-    translator: Translator, ids: list[list[int]], k: int, options: SearchOptions
-) -> list[str]:
-    """Offline wait-k greedy translations (`wait_k_search`) of encoded sources, in input order,
-    decoded in batches of similar length."""
-    from nmt.simultaneous import check_streaming_model, wait_k_search
-
-    texts = [""] * len(ids)  # an empty source stays empty
-    order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))
-    for start in range(0, len(order), WAIT_K_BATCH):
-        rows = order[start : start + WAIT_K_BATCH]
-        batch = translator._batch([ids[i] for i in rows])
-        with autocast(translator.device, translator.precision):
-            hyps = wait_k_search(check_streaming_model(translator.model), batch, k, options)
-        for i, text in zip(rows, translator.tokenizer.decode_tgt([h.tokens for h in hyps]),
-                           strict=True):  # fmt: skip
-            texts[i] = text
-    return texts
 
 
 def score_on_dev(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
@@ -244,12 +221,9 @@ def record_test_scores(cfg: Config, model_dir: Path, device: torch.device, preci
     meta["scores"].update({"test_bleu": scores.bleu, "test_chrf": scores.chrf,
                            "test_beam_size": cfg.decode.beam_size, "test_data": str(src_path)})  # fmt: skip
     if cfg.train.wait_k is not None:  # also as it is meant to be used
-        from nmt.simultaneous import default_wait_k
-
         k = default_wait_k(cfg)
         ids = translator.tokenizer.encode_src(src)
-        with torch.no_grad():
-            wait_k_hyps = _wait_k_texts(translator, ids, k, translator.options)
+        wait_k_hyps = wait_k_texts(translator, ids, k)
         meta["scores"].update({"test_wait_k": k,
                                "test_wait_k_bleu": corpus_scores(wait_k_hyps, [refs]).bleu})  # fmt: skip
     ckpt.write_json_atomic(model_dir / ckpt.META_FILE, meta)

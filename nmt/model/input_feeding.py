@@ -189,11 +189,8 @@ class _Layer:
             in_bias = b_ih if self.kind == "gru" else None
             base = _input_base(w_ih, in_bias, emb, like, steps, batch)
             self.inputs = _Products.build(base, [w_rest.to(dtype).t()])
-            rec_base = (
-                b_hh.to(dtype).expand(steps, batch, -1)
-                if self.kind == "gru"
-                else like.new_zeros(()).expand(steps, batch, w_hh.size(0))
-            )
+            rec_bias = b_hh if self.kind == "gru" else None  # lstm_ln: folded in ln_input
+            rec_base = _input_base(w_hh, rec_bias, None, like, steps, batch)
             self.recurrent = _Products.build(rec_base, [w_hh.to(dtype).t()])
             if isinstance(layer, RecurrentLayer):  # lstm_ln: LN(x W_ih^T) * gain + b_ih + b_hh
                 self.ln_input = (layer.ln_ih_weight, b_ih + b_hh)
