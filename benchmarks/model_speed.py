@@ -9,7 +9,8 @@ logits and `label_smoothed_nll` is timed in the same alternation, and
 `train_speedup_fused_loss_*` is its time / the fused step's. Where teacher forcing loops over
 target steps (input feeding, Bahdanau, GNMT), the reference step loop with the unfused loss
 (the previous whole step) is timed too, and `train_speedup_over_reference_*` is old time / new
-time. Prints JSON; `--profile` adds a table of the bf16 step's top operators on stderr.
+time. The step with dropout masks from torch's per-element draws is timed too, and
+`train_speedup_bulk_dropout_*` is its time / the step's with `nmt.model.dropout`'s. Prints JSON; `--profile` adds a table of the bf16 step's top operators on stderr.
 
     python -m benchmarks.model_speed                      # bible-es-en, +input feeding, gnmt-8layer
     python -m benchmarks.model_speed --configs configs/luong.yaml --iters 3
@@ -33,6 +34,7 @@ import torch
 from nmt.config import apply_overrides, config_from_dict, load_config
 from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
+from nmt.model import dropout as nmt_dropout
 
 ROOT = Path(__file__).resolve().parent.parent
 PAD, BOS = 0, 2
@@ -103,13 +105,17 @@ def train_step_fn(
     reference: bool = False,
     fused: bool = True,
     block_rows: int = 1024,
+    torch_dropout: bool = False,
 ) -> Callable[[], None]:
     """Forward + loss + backward on the batch; `reference`: teacher forcing by the plain loop
     over the decoder's steps (`Decoder.reference_loop`) instead of its fastest path; `fused`:
-    the output projection and the loss in blocks, else full logits and `label_smoothed_nll`."""
+    the output projection and the loss in blocks, else full logits and `label_smoothed_nll`;
+    `torch_dropout`: dropout masks from torch's per-element draws, not `nmt.model.dropout`'s
+    bulk random bits."""
     inputs = (batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
 
     def train_step() -> None:
+        nmt_dropout.BULK_BITS_ON_CPU = not torch_dropout
         model.decoder.reference_loop = reference
         model.train()
         model.zero_grad(set_to_none=True)
@@ -123,6 +129,7 @@ def train_step_fn(
             else:
                 loss, _, _ = label_smoothed_nll(model(*inputs), batch["tgt_out"], PAD, 0.1)
         loss.backward()
+        nmt_dropout.BULK_BITS_ON_CPU = True
 
     return train_step
 
@@ -184,6 +191,12 @@ def run_case(
     fns = {p: train_step_fn(model, batch, p, block_rows=args.block_rows) for p in args.precisions}
     if args.reference:
         fns.update({f"{p}_unfused": train_step_fn(model, batch, p, fused=False) for p in fns})
+        fns.update(
+            {
+                f"{p}_torch_dropout": train_step_fn(model, batch, p, torch_dropout=True)
+                for p in args.precisions
+            }
+        )
     if compare:
         fns.update(
             {f"{p}_reference": train_step_fn(model, batch, p, True, False) for p in args.precisions}
@@ -197,6 +210,9 @@ def run_case(
             new, old = train[p], train[f"{p}_unfused"]
             result[f"train_speedup_fused_loss_{p}"] = round(old[1] / new[1], 3)
             result[f"train_speedup_fused_loss_{p}_best"] = round(old[0] / new[0], 3)
+            old = train[f"{p}_torch_dropout"]
+            result[f"train_speedup_bulk_dropout_{p}"] = round(old[1] / new[1], 3)
+            result[f"train_speedup_bulk_dropout_{p}_best"] = round(old[0] / new[0], 3)
     if compare:
         for p in args.precisions:
             new, old = train[p], train[f"{p}_reference"]

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt.model.dropout import keep_mask
+
 FUSED_CELLS = ("lstm", "gru")  # nn.LSTM / nn.GRU
 CUSTOM_CELLS = ("lstm_ln", "lstm_peephole", "lstm_cifg")  # RecurrentLayer
 CELLS = FUSED_CELLS + CUSTOM_CELLS
@@ -502,13 +504,11 @@ class RecurrentLayer(nn.Module):
             return None
         h_mask = w_mask = None
         if self.dropout_recurrent > 0:
-            keep = 1 - self.dropout_recurrent
             shape = (batch, self.hidden_size)
-            h_mask = torch.bernoulli(torch.full(shape, keep, device=like.device)) / keep
+            h_mask = keep_mask(shape, self.dropout_recurrent, torch.float32, like.device)
         if self.weight_drop > 0:
-            keep = 1 - self.weight_drop
-            w_keep = torch.full_like(self.weight_hh_l0, keep, device=like.device)
-            w_mask = torch.bernoulli(w_keep.detach()) / keep
+            w = self.weight_hh_l0
+            w_mask = keep_mask(tuple(w.shape), self.weight_drop, w.dtype, like.device)
         return RecurrentNoise(h_mask, w_mask)
 
     def input_projection(self, x: Tensor) -> Tensor:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.cells import CELLS, CUSTOM_CELLS, RecurrentLayer
+from nmt.model.dropout import dropout, keep_mask
 
 RNN_CELLS: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -72,8 +72,7 @@ class LayerDropout(nn.Module):
         if not self.active() or not (self.variational or steps):
             return None
         shape = (batch, 1 if self.variational else steps, dim)
-        keep = torch.full(shape, 1 - self.p, device=like.device, dtype=like.dtype)
-        return torch.bernoulli(keep) / (1 - self.p)
+        return keep_mask(shape, self.p, like.dtype, like.device)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: (B, T, D); a mask from `mask()` is reused so step-wise calls share it."""
@@ -82,9 +81,8 @@ class LayerDropout(nn.Module):
         if mask is not None:
             return x * mask
         if not self.variational:
-            return F.dropout(x, self.p, training=True)
-        keep = x.new_full((x.size(0), 1, x.size(-1)), 1 - self.p)
-        return x * (torch.bernoulli(keep) / (1 - self.p))
+            return dropout(x, self.p)
+        return x * keep_mask((x.size(0), 1, x.size(-1)), self.p, x.dtype, x.device)
 
 
 def reverse_index(lengths: Tensor, max_len: int) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from nmt.config import ModelConfig, encoder_output_dim
 from nmt.model.attention import EncoderMemory, build_attention, wait_k_mask
 from nmt.model.decoder import DECODERS, Decoder, DecoderState
+from nmt.model.dropout import Dropout
 from nmt.model.encoder import Encoder, EncoderState
 
 
@@ -49,7 +50,7 @@ class Seq2Seq(nn.Module):
             if share_embeddings
             else nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
         )
-        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.embed_dropout = Dropout(embed_dropout)
         self.encoder = encoder
         self.decoder = decoder
         out_dim = decoder.output_dim
