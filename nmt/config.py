@@ -158,9 +158,12 @@ class TrainConfig:
     # generated kernel per step; needs a C++ compiler, ~15 s at start): faster, off by default
     compile_cells: bool = False
     # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
-    # only. k, or [lo, hi] to draw k per batch from that range so one model serves every k
-    # (Elbayad et al., 2020); null: full-sentence training. Needs model.encoder.layout: uni.
+    # only. k, or [lo, hi] to draw k from that range so one model serves every k (Elbayad et
+    # al., 2020); null: full-sentence training. Needs model.encoder.layout: uni.
     wait_k: int | tuple[int, int] | None = None
+    # with a range: one k per batch (`batch`, as Elbayad et al.), or one per sentence
+    # (`sentence`: every batch mixes the k's)
+    wait_k_sampling: Literal["batch", "sentence"] = "batch"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,10 +193,11 @@ class TrainingForward(nn.Module):
         self.model, self.pad_id, self.label_smoothing = model, pad_id, label_smoothing
 
     def forward(
-        self, batch: Batch, ss_prob: float = 0.0, wait_k: int | None = None
+        self, batch: Batch, ss_prob: float = 0.0, wait_k: int | Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Summed label-smoothed loss, summed NLL and the number of target tokens of one batch.
-        wait_k: wait-k teacher forcing (target step t reads the first t + k source tokens)."""
+        wait_k: wait-k teacher forcing (target step t reads the first t + k source tokens; a
+        (B,) tensor: a k per sentence)."""
         model, pad_id, smoothing = self.model, self.pad_id, self.label_smoothing
         if ss_prob > 0:
             logits = scheduled_sampling_logits(model, batch, ss_prob, pad_id)
@@ -216,6 +217,17 @@ def wait_k_of_step(wait_k: int | tuple[int, int] | None, seed: int, step: int) -
         return wait_k
     low, high = wait_k
     return random.Random(seed * 1_000_003 + step).randint(low, high)
+
+
+def wait_k_of_rows(
+    wait_k: tuple[int, int], seed: int, step: int, micro: int, rank: int, rows: int
+) -> Tensor:
+    """A k per sentence of one micro-batch (`train.wait_k_sampling: sentence`), (rows,) long,
+    drawn uniformly from [lo, hi]; like `wait_k_of_step`, a function of the seed, the step, the
+    micro-batch and the rank only, so that a resumed run draws the same."""
+    low, high = wait_k
+    gen = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) * 131 + rank)
+    return torch.randint(low, high + 1, (rows,), generator=gen)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -418,11 +430,16 @@ class Trainer:
                                 loop.warmup_seconds)  # fmt: skip
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        wait_k = wait_k_of_step(tc.wait_k, tc.seed, loop.step)
+        wait_ks: list[int | Tensor | None]
+        if isinstance(tc.wait_k, tuple) and tc.wait_k_sampling == "sentence":
+            wait_ks = [wait_k_of_rows(tc.wait_k, tc.seed, loop.step, i, info.rank, len(idx))
+                       for i, idx in enumerate(micro)]  # fmt: skip
+        else:
+            wait_ks = [wait_k_of_step(tc.wait_k, tc.seed, loop.step)] * len(micro)
         loss_sum, nll_sum, n_tokens = _accumulate(self.train_model, micro, self.train_data,
                                                   self.tokenizer, self.device, self.precision,
                                                   self.scaler, info, ss_prob,
-                                                  self.sampler.buckets, wait_k)  # fmt: skip
+                                                  self.sampler.buckets, wait_ks)  # fmt: skip
         total_tokens = all_reduce_sum(float(n_tokens), info)
         finite = all_reduce_sum(float(math.isfinite(loss_sum)), info) == info.world_size
         loop.sampler = self.sampler.state_dict()
@@ -792,10 +809,11 @@ def _accumulate(
     info: DistInfo,
     ss_prob: float,
     padding: Buckets,
-    wait_k: int | None = None,
+    wait_ks: Sequence[int | Tensor | None] | None = None,
 ) -> tuple[float, float, int]:
     """Forward and backward over the micro-batches of one step; gradients are sums over tokens.
-    `train_model` is the `TrainingForward`, or the DDP wrapper around it."""
+    `train_model` is the `TrainingForward`, or the DDP wrapper around it; `wait_ks`: each
+    micro-batch's wait-k (a k, a k per row, or None)."""
     loss_total = nll_total = 0.0
     tokens = 0
     for i, idx in enumerate(micro):
@@ -805,6 +823,7 @@ def _accumulate(
         ctx = train_model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
         with ctx:
             with autocast(device, precision):
+                wait_k = None if wait_ks is None else wait_ks[i]
                 loss, nll, n_tok = train_model(batch, ss_prob, wait_k)
             scaler.scale(loss).backward()
         loss_total += float(loss.detach())

@@ -26,7 +26,7 @@ from nmt.simultaneous import (
     wait_k_search,
     write_steps,
 )
-from nmt.train import wait_k_of_step
+from nmt.train import wait_k_of_rows, wait_k_of_step
 from nmt.translate import Translator
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -175,6 +175,68 @@ def test_wait_k_mask_rows() -> None:
         [True, True, True, False],
         [True, True, True, True],
     ]
+
+
+def test_wait_k_mask_with_a_k_per_row_stacks_the_rows_masks() -> None:
+    ks = torch.tensor([1, 3, 2])
+    per_row = wait_k_mask(4, 5, ks)
+    assert per_row.shape == (3, 4, 5)
+    for b, k in enumerate(ks.tolist()):
+        assert torch.equal(per_row[b], wait_k_mask(4, 5, k))
+    with pytest.raises(ValueError, match="k >= 1"):
+        wait_k_mask(4, 5, torch.tensor([2, 0]))
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_a_k_per_sentence_equals_each_sentence_with_its_own_k(
+    name: str, overrides: list[str]
+) -> None:
+    # train.wait_k_sampling: sentence: one batch, a k per row; each row must get exactly what
+    # it gets alone with its k (logits and attention), on every teacher-forcing path
+    model = uni_model(overrides)
+    src, lens, mask = padded_batch([6, 4, 5])
+    tgt_in = torch.randint(4, VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    ks = torch.tensor([1, 3, 2])
+    with torch.no_grad():
+        logits, attn = model.forward_with_attention(src, lens, mask, tgt_in, wait_k=ks)
+        features = model(src, lens, mask, tgt_in, features=True, wait_k=ks)  # training's path
+        for b, k in enumerate(ks.tolist()):
+            alone, alone_attn = model.forward_with_attention(src, lens, mask, tgt_in, wait_k=k)
+            alone_features = model(src, lens, mask, tgt_in, features=True, wait_k=k)
+            torch.testing.assert_close(features[b], alone_features[b], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits[b], alone[b], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(attn[b], alone_attn[b], rtol=1e-4, atol=1e-5)
+            read = torch.minimum(torch.arange(5) + k, lens[b])
+            for t in range(5):
+                assert bool((attn[b, t, read[t] :] == 0).all()), (name, b, t)
+
+
+def test_per_sentence_draws_cover_the_range_and_repeat_on_resume() -> None:
+    draws = wait_k_of_rows((2, 5), 7, 11, 0, 0, 400)
+    assert draws.shape == (400,) and set(draws.tolist()) == {2, 3, 4, 5}
+    assert torch.equal(draws, wait_k_of_rows((2, 5), 7, 11, 0, 0, 400))  # resumable
+    others = [wait_k_of_rows((2, 5), *key, 400) for key in [(7, 12, 0, 0), (7, 11, 1, 0),
+                                                            (7, 11, 0, 1), (8, 11, 0, 0)]]  # fmt: skip
+    assert all(not torch.equal(draws, other) for other in others)  # step, micro, rank, seed
+    cfg = load_config(TINY, ["model.encoder.layout=uni", "train.wait_k=[2, 5]",
+                             "train.wait_k_sampling=sentence"])  # fmt: skip
+    assert cfg.train.wait_k_sampling == "sentence"
+    with pytest.raises(ConfigError, match="wait_k_sampling"):
+        load_config(TINY, ["model.encoder.layout=uni", "train.wait_k_sampling=word"])
+
+
+def test_training_with_a_k_per_sentence_learns(toy_corpus: Path, tmp_path: Path) -> None:
+    from nmt.train import train
+
+    cfg = load_config(TINY, [f"data.corpus={toy_corpus}", "model.encoder.layout=uni",
+                             "train.wait_k=[1, 4]", "train.wait_k_sampling=sentence",
+                             "train.max_steps=60", "train.valid_every=60", "train.log_every=10",
+                             "train.valid_max_sentences=5", "train.test_at_end=false"])  # fmt: skip
+    train(cfg, tmp_path / "run", progress=False)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
 def test_train_wait_k_config_and_per_batch_draws() -> None:

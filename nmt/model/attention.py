@@ -19,25 +19,29 @@ class EncoderMemory(NamedTuple):
     keys: Tensor | None  # (B, S, Ha) keys projected once per batch; None for the dot score
     noise: SequenceNoise | None = None  # the decoder's dropout masks (training only)
     # (T, S) bool, True where target step t may read source token s: the wait-k mask of
-    # teacher forcing (`wait_k_mask`), the same for every row; None: every real token
+    # teacher forcing (`wait_k_mask`), the same for every row, or (B, T, S), one per row (a k
+    # per sentence); None: every real token
     read_mask: Tensor | None = None
 
     def steps(self, start: int, stop: int) -> EncoderMemory:
         """The memory as target steps start..stop-1 see it (their rows of `read_mask`)."""
         if self.read_mask is None:
             return self
-        return self._replace(read_mask=self.read_mask[start:stop])
+        return self._replace(read_mask=self.read_mask[..., start:stop, :])
 
     def index_select(self, idx: Tensor) -> EncoderMemory:
         """Rows `idx` of the batch (search drops finished sentences with this). idx: (B',) long."""
         keys = None if self.keys is None else self.keys.index_select(0, idx)
         noise = None if self.noise is None else self.noise.index_select(idx)
+        read_mask = self.read_mask
+        if read_mask is not None and read_mask.dim() == 3:
+            read_mask = read_mask.index_select(0, idx)
         return EncoderMemory(
             self.enc_out.index_select(0, idx),
             self.src_mask.index_select(0, idx),
             keys,
             noise,
-            self.read_mask,
+            read_mask,
         )
 
     def visible(self, groups: int = 1) -> Tensor:
@@ -45,17 +49,24 @@ class EncoderMemory(NamedTuple):
         (B, G * T, S), the read mask repeated for each of the G query rows per memory row."""
         if self.read_mask is None:
             return self.src_mask
+        if self.read_mask.dim() == 3:  # (B, T, S): one per row
+            return self.src_mask.unsqueeze(1) & self.read_mask.repeat(1, groups, 1)
         return self.src_mask.unsqueeze(1) & self.read_mask.repeat(groups, 1).unsqueeze(0)
 
 
-def wait_k_mask(tgt_len: int, src_len: int, k: int, device: torch.device | None = None) -> Tensor:
+def wait_k_mask(
+    tgt_len: int, src_len: int, k: int | Tensor, device: torch.device | None = None
+) -> Tensor:
     """(T, S) bool: target step t (0-based) reads the first t + k source tokens (Ma et al.,
     2019, "STACL", eq. 3: g(t) = min(k + t - 1, |x|) for 1-based t; the |x| bound is the
-    padding mask's)."""
-    if k < 1:
+    padding mask's). With k a (B,) tensor, a k per row: (B, T, S)."""
+    if int(torch.as_tensor(k).min()) < 1:
         raise ValueError(f"wait-k needs k >= 1, got {k}")
     steps = torch.arange(tgt_len, device=device).unsqueeze(1)  # (T, 1)
-    return torch.arange(src_len, device=device).unsqueeze(0) < steps + k  # (T, S)
+    positions = torch.arange(src_len, device=device).unsqueeze(0)  # (1, S)
+    if isinstance(k, Tensor):
+        return positions.unsqueeze(0) < (steps.unsqueeze(0) + k.to(device).view(-1, 1, 1))
+    return positions < steps + k  # (T, S)
 
 
 def masked_softmax(scores: Tensor, src_mask: Tensor) -> Tensor:

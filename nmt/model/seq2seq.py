@@ -160,14 +160,15 @@ class Seq2Seq(nn.Module):
         return self._output_cache[1], self._output_cache[2]
 
     def encode(
-        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, wait_k: int | None = None
+        self, src: Tensor, src_lengths: Tensor, src_mask: Tensor, wait_k: int | Tensor | None = None
     ) -> tuple[EncoderMemory, DecoderState]:
         """Encodes a padded batch once for decoding.
 
         Args:
             src: (B, S) long; src_lengths: (B,) long; src_mask: (B, S) bool, True on real tokens.
             wait_k: k of a wait-k decoder (a `uni` encoder only): its initial state comes from
-                the encoder's state after the first min(k, |x|) tokens, all it has read then.
+                the encoder's state after the first min(k, |x|) tokens, all it has read then;
+                a (B,) long tensor gives each row its own k.
         Returns:
             The encoder memory (keys projected once) and the decoder's initial state.
         """
@@ -176,7 +177,8 @@ class Seq2Seq(nn.Module):
         if wait_k is not None:
             if not self.encoder.streaming:
                 raise ValueError("wait-k needs an encoder with layout 'uni'")
-            read = src_lengths.to(enc_out.device).clamp(max=wait_k) - 1  # (B,)
+            k = wait_k.to(enc_out.device) if isinstance(wait_k, Tensor) else wait_k
+            read = src_lengths.to(enc_out.device).clamp(max=k) - 1  # (B,)
             final = enc_out[torch.arange(enc_out.size(0), device=enc_out.device), read]
         keys = self.decoder.attention.project_keys(enc_out)
         # training: the decoder's per-sequence dropout masks, drawn once for all its steps
@@ -190,7 +192,7 @@ class Seq2Seq(nn.Module):
         src_lengths: Tensor,
         src_mask: Tensor,
         tgt_in: Tensor,
-        wait_k: int | None = None,
+        wait_k: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Decoder output vectors (B, T, H) and attention (B, T, S) under teacher forcing;
         with `wait_k`, step t reads the first t + k source tokens only."""
@@ -207,7 +209,7 @@ class Seq2Seq(nn.Module):
         src_lengths: Tensor,
         src_mask: Tensor,
         tgt_in: Tensor,
-        wait_k: int | None = None,
+        wait_k: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Teacher forcing. tgt_in: (B, T) = BOS + y. Returns logits (B, T, V), attn (B, T, S).
         wait_k: step t attends to the first t + k source tokens only (a `uni` encoder)."""
@@ -220,7 +222,7 @@ class Seq2Seq(nn.Module):
         src_lengths: Tensor,
         src_mask: Tensor,
         tgt_in: Tensor,
-        wait_k: int | None = None,
+        wait_k: int | Tensor | None = None,
     ) -> Tensor:
         """Teacher forcing up to, not including, the output matrix: (B, T, D) vectors with
         logits = F.linear(features, *self.output_weights()). D is the embedding width where
@@ -236,7 +238,7 @@ class Seq2Seq(nn.Module):
         src_mask: Tensor,
         tgt_in: Tensor,
         features: bool = False,
-        wait_k: int | None = None,
+        wait_k: int | Tensor | None = None,
     ) -> Tensor:
         """Teacher forcing on the fastest correct path. Returns logits (B, T, V), or with
         `features` the output matrix's inputs (B, T, D) instead (see `features`): a wrapper
