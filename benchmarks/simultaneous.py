@@ -9,7 +9,9 @@
 2. **Live** (`live`): `nmt serve` with a uni model and C concurrent WebSocket clients, each typing
    test sentences word by word (one word every --word-ms) on /v1/translate/live. For every
    release of target words, the time from sending the frame that released them (the `frame`
-   field of the words frame) to receiving them: median, p99 and max, per release.
+   field of the words frame) to receiving them: median, p99 and max, per release. The clients
+   start together and type in step (every word a burst of C frames, the worst case), or with
+   --stagger spread over one word interval, as independent typists would.
 
     python -m benchmarks.simultaneous curve --model runs/uni/model --model runs/waitk/model \
         --k 1 3 5 7 --sentences 300
@@ -115,12 +117,14 @@ def offline(models: list[Path], ks: list[int], n: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def _client(url: str, sentences: list[str], k: int, word_s: float
+async def _client(url: str, sentences: list[str], k: int, word_s: float, delay_s: float = 0.0
                   ) -> list[tuple[float, bool]]:  # fmt: skip
-    """Types the sentences word by word; returns the latency of every release (seconds) and
-    whether the end-of-sentence frame released it (the flush) rather than a source word."""
+    """Types the sentences word by word, starting after delay_s; returns the latency of every
+    release (seconds) and whether the end-of-sentence frame released it (the flush) rather
+    than a source word."""
     from websockets.asyncio.client import connect
 
+    await asyncio.sleep(delay_s)
     latencies: list[tuple[float, bool]] = []
     ends: set[int] = set()  # frame numbers of the end frames
     async with connect(url) as ws:
@@ -155,27 +159,33 @@ async def _client(url: str, sentences: list[str], k: int, word_s: float
     return latencies
 
 
-async def _live_run(url: str, clients: int, per_client: int, k: int, word_s: float
-                    ) -> tuple[list[tuple[float, bool]], float]:  # fmt: skip
+async def _live_run(url: str, clients: int, per_client: int, k: int, word_s: float,
+                    stagger: bool = False) -> tuple[list[tuple[float, bool]], float]:  # fmt: skip
+    """`stagger`: client c starts c/clients of a word interval after the first, as independent
+    typists would; else all start at once and type in step (every word a burst of C frames)."""
     sentences = _lines(TEST_SRC, clients * per_client)
     start = time.perf_counter()
     results = await asyncio.gather(*(
-        _client(url, sentences[c * per_client : (c + 1) * per_client], k, word_s)
+        _client(url, sentences[c * per_client : (c + 1) * per_client], k, word_s,
+                word_s * c / clients if stagger else 0.0)
         for c in range(clients)
     ))  # fmt: skip
     return [x for r in results for x in r], time.perf_counter() - start
 
 
-def live(model: Path, clients: int, per_client: int, k: int, word_ms: float, threads: int
-         ) -> dict[str, Any]:  # fmt: skip
-    """Release latency of the live route with `clients` concurrent typists."""
+def live(model: Path, clients: int, per_client: int, k: int, word_ms: float, threads: int,
+         stagger: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Release latency of the live route with `clients` concurrent typists (see `_live_run`
+    for `stagger`)."""
     env = {"NMT_WARMUP": "true", "NMT_TORCH_THREADS": str(threads)}
     with serve_in_subprocess(model, env=env) as (base, _):
         url = base.replace("http://", "ws://") + "/v1/translate/live"
         asyncio.run(_live_run(url, 1, 1, k, word_ms / 1000))  # warm the live thread's kernels
-        latencies, seconds = asyncio.run(_live_run(url, clients, per_client, k, word_ms / 1000))
+        latencies, seconds = asyncio.run(
+            _live_run(url, clients, per_client, k, word_ms / 1000, stagger)
+        )
     row: dict[str, Any] = {"clients": clients, "sentences": clients * per_client, "k": k,
-                           "word_ms": word_ms, "threads": threads}  # fmt: skip
+                           "word_ms": word_ms, "threads": threads, "stagger": stagger}  # fmt: skip
     for name, keep in (("all", (False, True)), ("on_words", (False,)), ("on_end", (True,))):
         ms = sorted(x * 1000 for x, at_end in latencies if at_end in keep)
         if ms:
@@ -204,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sentences-per-client", type=int, default=5)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--word-ms", type=float, default=300.0, help="time between typed words")
+    p.add_argument("--stagger", action="store_true",
+                   help="start the clients spread over one word interval (independent typists) "
+                        "instead of all at once, typing in step")  # fmt: skip
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None, help="append the rows here (JSON lines)")
         p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = offline(args.model, args.k, args.sentences)
     else:
         rows = [live(args.model, args.clients, args.sentences_per_client, args.k, args.word_ms,
-                     args.threads)]  # fmt: skip
+                     args.threads, args.stagger)]  # fmt: skip
     if args.out:
         with args.out.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

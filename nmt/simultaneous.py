@@ -42,7 +42,7 @@ from torch.nn.utils.rnn import pad_sequence
 from nmt.config import Config
 from nmt.model import EncoderMemory, Seq2Seq
 from nmt.model.decoder import DecoderState
-from nmt.model.encoder import EncoderState
+from nmt.model.encoder import EncoderState, LayerState
 from nmt.results import batched
 from nmt.search import EncodedSource, Hypothesis, SearchOptions, max_lengths
 from nmt.translate import Translator, autocast
@@ -299,7 +299,8 @@ class WaitKPolicy:
         self._enc_out: list[Tensor] = []  # (1, S', He) pieces
         self._keys: list[Tensor] = []  # (1, S', Ha) pieces (none for the dot score)
         self._memory: tuple[Tensor, Tensor | None] | None = None  # the pieces joined, cached
-        self._read = 0  # source subwords read
+        self._read = 0  # source subwords read and encoded
+        self._unencoded: list[int] = []  # subwords of whole words read, not yet encoded
         self._limits = (-1, 0)  # the length rule's limit for a source of n subwords: (n, limit)
         self._waits_for_source = False  # the model chose EOS before the end of input
         self._decoder = _Decoder(prev=self.tokenizer.bos_id)
@@ -311,7 +312,8 @@ class WaitKPolicy:
     @property
     def done(self) -> bool:
         """The sentence is finished: end of input, and everything written."""
-        return self.source_ended and (self._decoder.ended or self._read == 0)
+        empty = self._read == 0 and not self._unencoded
+        return self.source_ended and (self._decoder.ended or empty)
 
     @property
     def text(self) -> str:
@@ -366,22 +368,29 @@ class WaitKPolicy:
 
     def _read_words(self, words: list[str]) -> None:
         ids = [t for piece in self.tokenizer.encode_src(words) for t in piece]
-        if self.max_source_tokens is not None and self._read + len(ids) > self.max_source_tokens:
+        total = self._read + len(self._unencoded) + len(ids)
+        if self.max_source_tokens is not None and total > self.max_source_tokens:
             raise SourceTooLongError(
-                f"the source is {self._read + len(ids)} subwords long; the limit is "
+                f"the source is {total} subwords long; the limit is "
                 f"{self.max_source_tokens} (end the sentence sooner)"
             )
         self.source_words += len(words)
-        if not ids:
-            return
-        src = torch.tensor([ids], dtype=torch.long, device=self.translator.device)
-        with torch.no_grad(), autocast(self.translator.device, self.translator.precision):
-            enc_out, keys, self._enc_state = self.model.encode_more(src, self._enc_state)
+        self._unencoded.extend(ids)  # encoded by `next_step`, or with others by `encode_pending`
+
+    def _encode(self) -> None:
+        """Encodes the subwords read but not yet encoded, on their own."""
+        if self._unencoded:
+            encode_pending([self])
+
+    def _take_encoded(self, enc_out: Tensor, keys: Tensor | None, state: EncoderState) -> None:
+        """The encoder's outputs (1, S', He), keys and state after the pending subwords."""
         self._enc_out.append(enc_out)
         if keys is not None:
             self._keys.append(keys)
+        self._enc_state = EncoderState(state.layers, self._read + len(self._unencoded))
         self._memory = None
-        self._read += len(ids)
+        self._read += len(self._unencoded)
+        self._unencoded = []
         self._waits_for_source = False
 
     def _source(self, n: int) -> tuple[Tensor, Tensor | None]:
@@ -405,7 +414,9 @@ class WaitKPolicy:
     def next_step(self) -> WaitKStep | None:
         """The decoder step the rules allow now, or None: the policy waits for more source (or
         the end of input), or the sentence is written (see the module docstring for the
-        rules). Asking has no effect, except that a sentence the length rule ends is ended."""
+        rules). Asking has no effect, except that a sentence the length rule ends is ended (and
+        that words read are encoded first, if `encode_pending` has not)."""
+        self._encode()
         dec, k, n = self._decoder, self.k, self._read
         if dec.ended or n == 0 or self._waits_for_source:
             return None
@@ -452,6 +463,61 @@ class WaitKPolicy:
         new = words[len(self._released) :]
         self._released.extend(new)
         return new
+
+
+def encode_pending(policies: Sequence[WaitKPolicy]) -> list[int]:
+    """Encodes the words the policies have read and not yet encoded, batched: sentences with
+    the same number of new subwords (and the same model) advance their encoders in one call,
+    states stacked, so each gets what it gets alone (`Seq2Seq.encode_more`). The live route's
+    worker calls it for the frames of a tick; `next_step` encodes what is left on its own.
+    Returns the number of sentences in each encoder call."""
+    groups: dict[tuple[int, int], list[WaitKPolicy]] = {}
+    for policy in policies:
+        if policy._unencoded:
+            groups.setdefault((id(policy.model), len(policy._unencoded)), []).append(policy)
+    for group in groups.values():
+        first = group[0]
+        device = first.translator.device
+        src = torch.tensor([p._unencoded for p in group], dtype=torch.long, device=device)
+        with torch.no_grad(), autocast(device, first.translator.precision):
+            state = stack_states([p._enc_state for p in group], first.model, device)
+            enc_out, keys, state = first.model.encode_more(src, state)
+        for i, policy in enumerate(group):
+            row = None if keys is None else keys[i : i + 1]
+            policy._take_encoded(enc_out[i : i + 1], row, state_row(state, i))
+    return [len(group) for group in groups.values()]
+
+
+def stack_states(
+    states: Sequence[EncoderState | None], model: Seq2Seq, device: torch.device
+) -> EncoderState | None:
+    """One batch's encoder state from the sentences' own (None: nothing read, zeros)."""
+    if all(s is None for s in states):
+        return None
+    known = next(s for s in states if s is not None)
+    layers: list[LayerState] = []
+    for i, like in enumerate(known.layers):
+        parts = [like if isinstance(like, Tensor) else like[0]]  # (1, 1, H) each
+        zeros = torch.zeros_like(parts[0], device=device)
+        if isinstance(like, Tensor):
+            layers.append(torch.cat([zeros if s is None else cast(Tensor, s.layers[i])
+                                     for s in states], dim=1))  # fmt: skip
+        else:
+            h = torch.cat([zeros if s is None else s.layers[i][0] for s in states], dim=1)
+            c_zeros = torch.zeros_like(like[1], device=device)
+            c = torch.cat([c_zeros if s is None else s.layers[i][1] for s in states], dim=1)
+            layers.append((h, c))
+    return EncoderState(layers, 0)  # lengths differ: each policy keeps its own
+
+
+def state_row(state: EncoderState, i: int) -> EncoderState:
+    """Sentence i's encoder state out of a batch's (the length is the policy's to set)."""
+    layers: list[LayerState] = [
+        layer[:, i : i + 1] if isinstance(layer, Tensor)
+        else (layer[0][:, i : i + 1], layer[1][:, i : i + 1])
+        for layer in state.layers
+    ]  # fmt: skip
+    return EncoderState(layers, state.length)
 
 
 def write_steps(steps: Sequence[WaitKStep]) -> None:

@@ -28,12 +28,12 @@ one thread of their own (`LiveWorker`) over a private copy of the model, taken o
 loaded translator, so they never touch the batcher's model and never block the event loop.
 
 That thread batches the sessions. A route hands it each frame and awaits the answer (the words
-released and the source words read). Every tick the thread reads the frames that arrived, each
-session's new words encoded on their own (the sessions' encoders have read different lengths,
-and a word is one short call), answers the sessions with nothing left to write, and runs the next
-decoder step of all the others as one batched call (`nmt.simultaneous.write_steps`: decoder
-states and previous tokens stacked, the source each step reads padded and masked), so a session
-writes exactly what it writes alone. A release waits behind at most one batched step of other
+released and the source words read). Every tick the thread reads the frames that arrived and
+encodes their new words, batched (`nmt.simultaneous.encode_pending`: sessions with as many new
+subwords advance their encoders in one call, states stacked), answers the sessions with nothing
+left to write, and runs the next decoder step of all the others as one batched call
+(`nmt.simultaneous.write_steps`: decoder states and previous tokens stacked, the source each
+step reads padded and masked), so a session writes exactly what it writes alone. A release waits behind at most one batched step of other
 sessions' work, and an end-of-sentence flush takes one step per tick beside everyone else's
 steps instead of holding the thread until it is done. While a frame is in the worker its route
 already listens for the next one, so a client that leaves mid-flush leaves the batch at the next
@@ -105,7 +105,7 @@ class LiveWorker:
 
     A session has at most one frame in the worker at a time (its route awaits the answer). Each
     tick the worker drops the sessions whose clients left, runs queued calls (making policies),
-    reads the frames that arrived (each session's new words encoded on their own), answers the
+    reads the frames that arrived (their new words encoded in batches), answers the
     sessions with nothing left to write, and runs one decoder step of every other session in
     one batched call (`nmt.simultaneous.write_steps`), so an end-of-sentence flush advances a
     step per tick beside everyone else's steps instead of holding the thread.
@@ -191,6 +191,10 @@ class LiveWorker:
         for frame in inbox:
             if id(frame.policy) not in gone and frame.answer.set_running_or_notify_cancel():
                 self._read(frame)
+        if inbox:
+            from nmt.simultaneous import encode_pending
+
+            encode_pending([frame.policy for frame in self._frames])  # the new words, batched
         self._write()
 
     def _read(self, frame: _Frame) -> None:

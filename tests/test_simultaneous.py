@@ -21,7 +21,10 @@ from nmt.simultaneous import (
     average_proportion,
     corpus_latency,
     differentiable_average_lagging,
+    encode_pending,
     simulate,
+    stack_states,
+    state_row,
     translate_wait_k,
     wait_k_search,
     write_steps,
@@ -111,6 +114,31 @@ def test_incremental_encoding_equals_whole_sequence_encoding(cell: str) -> None:
             torch.testing.assert_close(
                 torch.cat(keys, dim=1)[0], whole.keys[row, :n], rtol=1e-5, atol=1e-6
             )
+
+
+@pytest.mark.parametrize("cell", ["lstm", "lstm_ln", "gru"])
+def test_encoders_advanced_together_equal_each_advanced_alone(cell: str) -> None:
+    # what encode_pending does for the live worker: sentences that have read different
+    # prefixes (one nothing yet) advance by the same number of tokens in one call
+    model = uni_model([f"model.cell={cell}"])
+    gen = torch.Generator().manual_seed(5)
+    prefixes = [torch.randint(4, VOCAB, (1, n), generator=gen) for n in (3, 0, 5)]
+    new = torch.randint(4, VOCAB, (3, 2), generator=gen)
+    with torch.no_grad():
+        states = [None if p.size(1) == 0 else model.encode_more(p)[2] for p in prefixes]
+        stacked = stack_states(states, model, torch.device("cpu"))
+        together, keys, after = model.encode_more(new, stacked)
+        for i, state in enumerate(states):
+            alone, alone_keys, alone_after = model.encode_more(new[i : i + 1], state)
+            torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
+            assert keys is not None and alone_keys is not None
+            torch.testing.assert_close(keys[i : i + 1], alone_keys, rtol=1e-5, atol=1e-6)
+            row = state_row(after, i)
+            for got, want in zip(row.layers, alone_after.layers, strict=True):
+                got_parts = [got] if isinstance(got, torch.Tensor) else list(got)
+                want_parts = [want] if isinstance(want, torch.Tensor) else list(want)
+                for g, w in zip(got_parts, want_parts, strict=True):
+                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_a_bidirectional_encoder_refuses_to_advance() -> None:
@@ -360,10 +388,11 @@ def alone(translator: Translator, k: int, frames: list[str | None]) -> Typist:
     return typist
 
 
-def write_together(typists: list[Typist]) -> list[int]:
-    """Runs the typists as the live worker does: each tick, reads the frames sent, answers
-    those with nothing left to write and writes one step of all the others in one
-    `write_steps` call. Returns the number of sentences in each call."""
+def write_together(typists: list[Typist], encoded: list[int] | None = None) -> list[int]:
+    """Runs the typists as the live worker does: each tick, reads the frames sent, encodes
+    their words together (`encode_pending`), answers those with nothing left to write and
+    writes one step of all the others in one `write_steps` call. Returns the number of
+    sentences in each call (and appends those of each encoder call to `encoded`)."""
     sizes: list[int] = []
     in_flight: set[int] = set()
     tick = 0
@@ -375,6 +404,9 @@ def write_together(typists: list[Typist]) -> list[int]:
             if i not in in_flight and tick >= typist.start and typist.sent < len(typist.frames):
                 typist.send()
                 in_flight.add(i)
+        groups = encode_pending([typists[i].policies[-1] for i in sorted(in_flight)])
+        if encoded is not None:
+            encoded.extend(groups)
         steps = []
         for i in sorted(in_flight):
             policy = typists[i].policies[-1]
@@ -412,8 +444,10 @@ def test_sentences_written_together_give_what_each_writes_alone(
     ]
     typists = [Typist(waitk_translator, k, frames, start, leaves)
                for k, frames, start, leaves in plan]  # fmt: skip
-    sizes = write_together(typists)
+    encoded: list[int] = []
+    sizes = write_together(typists, encoded)
     assert max(sizes) >= 4  # the sentences really shared decoder calls
+    assert max(encoded) >= 2  # and encoder calls
     for typist, (k, frames, _, leaves) in zip(typists, plan, strict=True):
         own = alone(waitk_translator, k, frames)
         if leaves is None:
