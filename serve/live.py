@@ -18,7 +18,10 @@ server -> client
 
 `source_words` is the number of source words read when the words were released, and `frame` the
 number of client frames received when they were (the start frame counted): the frame that
-released them, so a client can time each release from the frame that caused it. Auth is the
+released them, so a client can time each release from the frame that caused it. A frame that
+allows several decoder steps (a word of several subwords; the end of input, which writes the
+rest of the sentence) may release its words in several words frames, each sent as soon as the
+step that completes them has run. Auth is the
 REST routes' (`Authorization: Bearer KEY` or `X-API-Key` on the upgrade request, or `api_key` in
 the start frame); limits are theirs too (characters and subwords per sentence, output length).
 Any bad frame gets an error frame and the connection is closed; other sessions carry on.
@@ -50,7 +53,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -98,6 +101,9 @@ class _Frame:
     policy: Any  # the session's nmt.simultaneous.WaitKPolicy
     text: str | None  # None: the end of input
     answer: Future[tuple[list[str], int]]
+    # called on the worker thread with the words a tick's step completed before the answer
+    # (a frame that allows several steps: a word of several subwords, the end flush)
+    on_words: Callable[[list[str], int], None] | None = None
 
 
 class LiveWorker:
@@ -140,11 +146,18 @@ class LiveWorker:
         self._hand_over(lambda: self._calls.append((fn, args, future)))
         return await asyncio.wrap_future(future)
 
-    def submit(self, policy: Any, text: str | None) -> Future[tuple[list[str], int]]:
+    def submit(
+        self,
+        policy: Any,
+        text: str | None,
+        on_words: Callable[[list[str], int], None] | None = None,
+    ) -> Future[tuple[list[str], int]]:
         """Queues a session's frame (`text`, or None for the end of input); the answer is the
-        target words it released and the source words read by then. The policy's
-        ValueError (a source over its limit) comes back as the answer's exception."""
-        frame = _Frame(policy, text, Future())
+        target words it released and the source words read by then. With `on_words`, words
+        complete after a tick's step go to it at once (on the worker thread), and the answer
+        has the rest. The policy's ValueError (a source over its limit) comes back as the
+        answer's exception."""
+        frame = _Frame(policy, text, Future(), on_words)
         self._hand_over(lambda: self._inbox.append(frame))
         return frame.answer
 
@@ -224,6 +237,9 @@ class LiveWorker:
         self._frames = writing
         for steps in by_model.values():  # the sessions of a replaced model finish on their own
             write_steps(steps)
+        for frame in writing:  # words the step completed go out now, not after the last step
+            if frame.on_words is not None and (words := frame.policy.release()):
+                frame.on_words(words, frame.policy.source_words)
 
 
 class LiveMetrics:
@@ -329,18 +345,36 @@ def build_live_router(settings: Settings, api_keys: list[str], metrics: Metrics)
         options = replace(live.options, max_len_cap=settings.max_output_length)
         return WaitKPolicy(live, k, options, max_source_tokens=settings.max_tokens)
 
-    async def answer(policy: Any, text: str | None, ahead: asyncio.Task[Any]
-                     ) -> tuple[list[str], int] | None:  # fmt: skip
-        """The live worker's answer to a frame: the words released and the words read; None
-        when the client leaves first (`ahead`, its next frame, finds it gone), and then the
-        session leaves the worker's batch at once."""
-        result = asyncio.wrap_future(worker.submit(policy, text))
-        done, _ = await asyncio.wait({result, ahead}, return_when=asyncio.FIRST_COMPLETED)
-        if result not in done and ahead.exception() is None and ahead.result() is None:
-            worker.drop(policy)
-            result.cancel()
-            return None
-        return await result  # a frame received meanwhile waits its turn in `ahead`
+    async def answer(policy: Any, text: str | None, ahead: asyncio.Task[Any],
+                     send: Callable[[list[str], int], Awaitable[None]]) -> int | None:  # fmt: skip
+        """Sends the words a frame releases as the worker writes them (`send`); returns the
+        source words read by the end, or None when the client leaves first (`ahead`, its next
+        frame, finds it gone), and then the session leaves the worker's batch at once."""
+        loop = asyncio.get_running_loop()
+        early: asyncio.Queue[tuple[list[str], int]] = asyncio.Queue()  # words before the answer
+
+        def on_words(words: list[str], read: int) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(early.put_nowait, (words, read))
+
+        result = asyncio.wrap_future(worker.submit(policy, text, on_words))
+        waiting: set[asyncio.Future[Any]] = {result, ahead}
+        while True:
+            getter = asyncio.ensure_future(early.get())
+            done, _ = await asyncio.wait({*waiting, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                await send(*getter.result())
+                continue
+            getter.cancel()
+            if result in done:  # the early words were queued before the answer: all sent
+                words, read = await result
+                await send(words, read)
+                return read
+            waiting.discard(ahead)
+            if ahead.exception() is None and ahead.result() is None:
+                worker.drop(policy)
+                result.cancel()
+                return None
+            # a frame received meanwhile waits its turn in `ahead`
 
     @router.websocket(LIVE_PATH)
     async def live(websocket: WebSocket) -> None:
@@ -438,18 +472,21 @@ def build_live_router(settings: Settings, api_keys: list[str], metrics: Metrics)
                 if policy is None:
                     policy = await worker.run(new_policy, translator, k)
                 ahead = asyncio.create_task(receive_frame(websocket, IDLE_TIMEOUT_S))
+
+                async def send(words: list[str], read: int, frame_no: int = received,
+                               since: float = arrived) -> None:  # fmt: skip
+                    if words:
+                        await websocket.send_json({"type": "words", "words": words,
+                                                   "text": " ".join(words), "source_words": read,
+                                                   "frame": frame_no})  # fmt: skip
+                        live_metrics.release_seconds.observe(time.perf_counter() - since)
+
                 try:
-                    result = await answer(policy, text, ahead)
+                    read = await answer(policy, text, ahead, send)
                 except ValueError as err:  # the source is over the subword limit
                     raise LiveError(422, "too_long", str(err), CLOSE_POLICY) from None
-                if result is None:
+                if read is None:
                     return 101  # the client left while its frame was in the worker
-                words, read = result
-                if words:
-                    await websocket.send_json({"type": "words", "words": words,
-                                               "text": " ".join(words), "source_words": read,
-                                               "frame": received})  # fmt: skip
-                    live_metrics.release_seconds.observe(time.perf_counter() - arrived)
                 if kind == "end":
                     await websocket.send_json({"type": "done", "text": policy.text,
                                                "source_words": read})  # fmt: skip

@@ -103,3 +103,28 @@ def test_a_session_that_leaves_mid_flush_drops_out_of_the_batch_at_once(
             assert got == alone(translator, policy.k, by_word(text)).answers
 
     asyncio.run(main())
+
+
+def test_words_go_out_as_each_step_completes_them(translator: Translator) -> None:
+    # with on_words, a frame that allows several steps (here the end of a k=30 sentence: the
+    # whole translation) releases its words tick by tick; with the answer's rest they are
+    # exactly what the frame releases alone, in order
+    async def main() -> tuple[list[list[list[str]]], list[tuple[list[str], int]]]:
+        worker = LiveWorker()
+        policy = await new_policy(worker, translator, 30)
+        pieces: list[list[list[str]]] = []
+        answers = []
+        for frame in by_word(SENTENCES[3]):
+            early: list[list[str]] = []
+            answer = await asyncio.wrap_future(
+                worker.submit(policy, frame, lambda words, read, early=early: early.append(words))
+            )
+            pieces.append([*early, answer[0]])
+            answers.append(([w for piece in pieces[-1] for w in piece], answer[1]))
+        return pieces, answers
+
+    pieces, answers = asyncio.run(main())
+    assert answers == alone(translator, 30, by_word(SENTENCES[3])).answers
+    flush = [piece for piece in pieces[-1] if piece]
+    assert len(flush) > 1  # the end flush went out in several releases
+    assert all(len(p) == 0 for frame in pieces[:-1] for p in frame)  # k=30: nothing before

@@ -180,7 +180,16 @@ def test_concurrent_clients_sending_ahead_each_get_what_they_get_alone(
                 ws.send(json.dumps({"type": "end"} if frame is None else
                                    {"type": "text", "text": frame}))  # fmt: skip
             got = frames(ws)[1:]  # after the ready frame
-        return [(f["frame"], f["source_words"], f["words"]) for f in got if f["type"] == "words"]
+        # a frame's words may come in several releases (one per step that completes some):
+        # joined per client frame, in order
+        joined: list[tuple[int, int, list[str]]] = []
+        for f in (f for f in got if f["type"] == "words"):
+            if joined and joined[-1][0] == f["frame"]:
+                assert joined[-1][1] == f["source_words"]
+                joined[-1][2].extend(f["words"])
+            else:
+                joined.append((f["frame"], f["source_words"], list(f["words"])))
+        return joined
 
     def leaver() -> None:
         """Leaves as soon as it has sent the end of a sentence with every step still to write."""
