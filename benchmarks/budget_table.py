@@ -45,8 +45,9 @@ def summarise(run: Path) -> dict[str, Any]:
         "schedule": config["train"].get("schedule"),
         "wait_k": config["train"].get("wait_k"),
         "hardware": meta.get("hardware"),
-        "train_minutes": meta.get("train_minutes"),
-        "steps": meta["step"],
+        "minutes": round(max((r["time"] for r in records if "time" in r), default=0) / 60, 1),
+        "steps": max(r["step"] for r in records if "step" in r),  # made in the budget
+        "shipped_step": meta["step"],
         "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in train))
         if train
         else None,
@@ -106,9 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [summarise(run) for run in args.runs]
     print(markdown(rows))
     for r in rows:
-        print(
-            f"{r['run']}: {r['hardware']}; {r['train_minutes']} min; candidates {r['candidates']}"
-        )
+        print(f"{r['run']}: {r['hardware']}; {r['minutes']} min; shipped step {r['shipped_step']}; "
+              f"dev BLEU of the candidates {r['candidates']}")  # fmt: skip
     if args.plot:
         plot(rows, args.plot)
     if args.out:
