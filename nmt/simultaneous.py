@@ -480,7 +480,7 @@ def encode_pending(policies: Sequence[WaitKPolicy]) -> list[int]:
         device = first.translator.device
         src = torch.tensor([p._unencoded for p in group], dtype=torch.long, device=device)
         with torch.no_grad(), autocast(device, first.translator.precision):
-            state = stack_states([p._enc_state for p in group], first.model, device)
+            state = stack_states([p._enc_state for p in group])
             enc_out, keys, state = first.model.encode_more(src, state)
         for i, policy in enumerate(group):
             row = None if keys is None else keys[i : i + 1]
@@ -488,36 +488,34 @@ def encode_pending(policies: Sequence[WaitKPolicy]) -> list[int]:
     return [len(group) for group in groups.values()]
 
 
-def stack_states(
-    states: Sequence[EncoderState | None], model: Seq2Seq, device: torch.device
-) -> EncoderState | None:
+def stack_states(states: Sequence[EncoderState | None]) -> EncoderState | None:
     """One batch's encoder state from the sentences' own (None: nothing read, zeros)."""
     if all(s is None for s in states):
         return None
     known = next(s for s in states if s is not None)
     layers: list[LayerState] = []
     for i, like in enumerate(known.layers):
-        parts = [like if isinstance(like, Tensor) else like[0]]  # (1, 1, H) each
-        zeros = torch.zeros_like(parts[0], device=device)
-        if isinstance(like, Tensor):
-            layers.append(torch.cat([zeros if s is None else cast(Tensor, s.layers[i])
-                                     for s in states], dim=1))  # fmt: skip
-        else:
-            h = torch.cat([zeros if s is None else s.layers[i][0] for s in states], dim=1)
-            c_zeros = torch.zeros_like(like[1], device=device)
-            c = torch.cat([c_zeros if s is None else s.layers[i][1] for s in states], dim=1)
-            layers.append((h, c))
+        zeros = [torch.zeros_like(part) for part in _parts(like)]
+        rows = [zeros if s is None else _parts(s.layers[i]) for s in states]
+        layers.append(_layer_state([torch.cat(column, dim=1) for column in zip(*rows)]))
     return EncoderState(layers, 0)  # lengths differ: each policy keeps its own
 
 
 def state_row(state: EncoderState, i: int) -> EncoderState:
     """Sentence i's encoder state out of a batch's (the length is the policy's to set)."""
-    layers: list[LayerState] = [
-        layer[:, i : i + 1] if isinstance(layer, Tensor)
-        else (layer[0][:, i : i + 1], layer[1][:, i : i + 1])
-        for layer in state.layers
-    ]  # fmt: skip
+    layers = [
+        _layer_state([part[:, i : i + 1] for part in _parts(layer)]) for layer in state.layers
+    ]
     return EncoderState(layers, state.length)
+
+
+def _parts(layer: LayerState) -> tuple[Tensor, ...]:
+    """A layer's state as its tensors: (h,) for GRU, (h, c) for the LSTMs, each (1, B, H)."""
+    return (layer,) if isinstance(layer, Tensor) else layer
+
+
+def _layer_state(parts: Sequence[Tensor]) -> LayerState:
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 def write_steps(steps: Sequence[WaitKStep]) -> None:

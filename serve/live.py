@@ -21,9 +21,9 @@ number of client frames received when they were (the start frame counted): the f
 released them, so a client can time each release from the frame that caused it. A frame that
 allows several decoder steps (a word of several subwords; the end of input, which writes the
 rest of the sentence) may release its words in several words frames, each sent as soon as the
-step that completes them has run. Auth is the
-REST routes' (`Authorization: Bearer KEY` or `X-API-Key` on the upgrade request, or `api_key` in
-the start frame); limits are theirs too (characters and subwords per sentence, output length).
+step that completes them has run. Auth is the REST routes' (`Authorization: Bearer KEY` or
+`X-API-Key` on the upgrade request, or `api_key` in the start frame); limits are theirs too
+(characters and subwords per sentence, output length).
 Any bad frame gets an error frame and the connection is closed; other sessions carry on.
 
 The model is not thread-safe, and the batching worker owns the served one; live sessions run on
@@ -36,9 +36,10 @@ encodes their new words, batched (`nmt.simultaneous.encode_pending`: sessions wi
 subwords advance their encoders in one call, states stacked), answers the sessions with nothing
 left to write, and runs the next decoder step of all the others as one batched call
 (`nmt.simultaneous.write_steps`: decoder states and previous tokens stacked, the source each
-step reads padded and masked), so a session writes exactly what it writes alone. A release waits behind at most one batched step of other
-sessions' work, and an end-of-sentence flush takes one step per tick beside everyone else's
-steps instead of holding the thread until it is done. While a frame is in the worker its route
+step reads padded and masked), so a session writes exactly what it writes alone. A release
+waits behind at most one batched step of other sessions' work, and an end-of-sentence flush
+takes one step per tick beside everyone else's steps instead of holding the thread until it is
+done. While a frame is in the worker its route
 already listens for the next one, so a client that leaves mid-flush leaves the batch at the next
 tick; its sentence state is freed with it (only the route and a frame in flight hold it).
 """

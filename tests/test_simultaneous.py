@@ -126,7 +126,7 @@ def test_encoders_advanced_together_equal_each_advanced_alone(cell: str) -> None
     new = torch.randint(4, VOCAB, (3, 2), generator=gen)
     with torch.no_grad():
         states = [None if p.size(1) == 0 else model.encode_more(p)[2] for p in prefixes]
-        stacked = stack_states(states, model, torch.device("cpu"))
+        stacked = stack_states(states)
         together, keys, after = model.encode_more(new, stacked)
         for i, state in enumerate(states):
             alone, alone_keys, alone_after = model.encode_more(new[i : i + 1], state)

@@ -12,6 +12,8 @@ and `torch.bernoulli` run as they are.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,9 +32,7 @@ def _quantised(p: float) -> tuple[int, float]:
 
 def _uniform16(shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Independent uniform int16 values of the given shape, four per 64-bit draw."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     words = torch.randint(
         -(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device
     )
