@@ -174,10 +174,11 @@ async def _live_run(url: str, clients: int, per_client: int, k: int, word_s: flo
 
 
 def live(model: Path, clients: int, per_client: int, k: int, word_ms: float, threads: int,
-         stagger: bool = False) -> dict[str, Any]:  # fmt: skip
+         stagger: bool = False, drafts: bool = True) -> dict[str, Any]:  # fmt: skip
     """Release latency of the live route with `clients` concurrent typists (see `_live_run`
-    for `stagger`)."""
-    env = {"NMT_WARMUP": "true", "NMT_TORCH_THREADS": str(threads)}
+    for `stagger`); `drafts`: the server writes sentence ends ahead (`NMT_LIVE_DRAFTS`)."""
+    env = {"NMT_WARMUP": "true", "NMT_TORCH_THREADS": str(threads),
+           "NMT_LIVE_DRAFTS": str(drafts).lower()}  # fmt: skip
     with serve_in_subprocess(model, env=env) as (base, _):
         url = base.replace("http://", "ws://") + "/v1/translate/live"
         asyncio.run(_live_run(url, 1, 1, k, word_ms / 1000))  # warm the live thread's kernels
@@ -185,7 +186,8 @@ def live(model: Path, clients: int, per_client: int, k: int, word_ms: float, thr
             _live_run(url, clients, per_client, k, word_ms / 1000, stagger)
         )
     row: dict[str, Any] = {"clients": clients, "sentences": clients * per_client, "k": k,
-                           "word_ms": word_ms, "threads": threads, "stagger": stagger}  # fmt: skip
+                           "word_ms": word_ms, "threads": threads, "stagger": stagger,
+                           "drafts": drafts}  # fmt: skip
     for name, keep in (("all", (False, True)), ("on_words", (False,)), ("on_end", (True,))):
         ms = sorted(x * 1000 for x, at_end in latencies if at_end in keep)
         if ms:
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stagger", action="store_true",
                    help="start the clients spread over one word interval (independent typists) "
                         "instead of all at once, typing in step")  # fmt: skip
+    p.add_argument("--drafts", choices=["on", "off", "both"], default="on",
+                   help="the server writes sentence ends ahead while idle (NMT_LIVE_DRAFTS); "
+                        "both: one run with, then one without")  # fmt: skip
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None, help="append the rows here (JSON lines)")
         p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -232,8 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         rows = offline(args.model, args.k, args.sentences)
     else:
+        drafts = {"on": [True], "off": [False], "both": [True, False]}[args.drafts]
         rows = [live(args.model, args.clients, args.sentences_per_client, args.k, args.word_ms,
-                     args.threads, args.stagger)]  # fmt: skip
+                     args.threads, args.stagger, on) for on in drafts]  # fmt: skip
     if args.out:
         with args.out.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

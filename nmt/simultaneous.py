@@ -29,11 +29,12 @@ and AP divide by the reference's length in words where one is given (SimulEval's
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import cast
+from dataclasses import dataclass, field, replace
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -269,6 +270,12 @@ class WaitKPolicy:
     step, `write_steps` runs it together with other sentences' steps, and `release` returns
     the target words that became complete.
 
+    Such a caller can also write the end of the sentence before it comes (`end_draft`): while
+    it has nothing else to do, it advances a draft, a copy of the policy that takes the end of
+    input now, as it would the policy itself. If the end comes with nothing read since, `end`
+    adopts the draft, so the rest of the sentence is (partly) written already and released
+    at once; anything read first discards it. The output is the same either way.
+
     Args:
         translator: a loaded model with a `uni` encoder (not an ensemble) and its tokenizer.
         k: source subwords read ahead of the target; k >= 1.
@@ -306,6 +313,9 @@ class WaitKPolicy:
         self._decoder = _Decoder(prev=self.tokenizer.bos_id)
         self._released: list[str] = []  # target words committed so far
         self._eos_col = _eos_column(self.model, self.tokenizer.eos_id)
+        # the end of input written ahead (`end_draft`): None until asked for, False where the
+        # source so far cannot end here (the pending word passes the subword limit)
+        self._draft: WaitKPolicy | Literal[False] | None = None
 
     # -- public ---------------------------------------------------------------------------
 
@@ -347,6 +357,7 @@ class WaitKPolicy:
         nothing (see `next_step`)."""
         if self.source_ended:
             raise ValueError("the input has ended; start a new policy for the next sentence")
+        self._draft = None  # written for a source that ended before this text
         self._pending += text
         cut = max((i for i, ch in enumerate(self._pending) if ch.isspace()), default=-1)
         if cut < 0:
@@ -359,12 +370,36 @@ class WaitKPolicy:
         """The end of input: encodes the last word; writes nothing (see `next_step`)."""
         if self.source_ended:
             return
+        if self._draft:  # the end written ahead for this very source: carry on from there
+            self.__dict__.update(self._draft.__dict__)
+            return
         words = self._pending.split()
         self._pending = ""
         self.source_ended = True
         self._waits_for_source = False
         if words:
             self._read_words(words)
+
+    def end_draft(self) -> WaitKPolicy | None:
+        """The end of input written ahead: a copy of this policy that has taken the end of
+        input now, made at the first call after a read and then kept, for the caller to
+        advance with `next_step` / `write_steps` while it waits for this sentence's next
+        frame (`done` when it is complete). None after the end of input, or when ending here
+        would pass the subword limit. `end` adopts the draft if nothing was read since."""
+        if self.source_ended or self._draft is False:
+            return None
+        if self._draft is None:
+            draft = copy.copy(self)
+            draft._decoder = replace(self._decoder, tokens=list(self._decoder.tokens))
+            draft._enc_out, draft._keys = list(self._enc_out), list(self._keys)
+            draft._unencoded, draft._released = list(self._unencoded), list(self._released)
+            try:
+                draft.end()
+            except SourceTooLongError:
+                self._draft = False
+                return None
+            self._draft = draft
+        return self._draft
 
     def _read_words(self, words: list[str]) -> None:
         ids = [t for piece in self.tokenizer.encode_src(words) for t in piece]
@@ -435,6 +470,7 @@ class WaitKPolicy:
     def apply_step(self, column: int, state: DecoderState) -> None:
         """Takes the outcome of the step `next_step` returned, nothing read in between: the
         argmax column of its logits (EOS masked unless allowed) and the new state (L, 1, H)."""
+        self._draft = None  # written before this step (a caller's slip: keep it right)
         dec = self._decoder
         if column == self._eos_col and not self.source_ended:
             self._waits_for_source = True  # EOS is only right if the source ends here

@@ -39,7 +39,12 @@ left to write, and runs the next decoder step of all the others as one batched c
 step reads padded and masked), so a session writes exactly what it writes alone. A release
 waits behind at most one batched step of other sessions' work, and an end-of-sentence flush
 takes one step per tick beside everyone else's steps instead of holding the thread until it is
-done. While a frame is in the worker its route
+done. Between frames the thread writes the end of every open sentence ahead
+(`WaitKPolicy.end_draft`: the rest of the translation as if the input ended now, one batched
+step at a time, so a frame that arrives waits at most one step); an end of input that comes
+with nothing new since adopts it and releases the rest at once. `NMT_LIVE_DRAFTS=false`
+turns this off (the spare time then goes to other work on the machine). While a frame is in
+the worker its route
 already listens for the next one, so a client that leaves mid-flush leaves the batch at the next
 tick; its sentence state is freed with it (only the route and a frame in flight hold it).
 """
@@ -116,9 +121,15 @@ class LiveWorker:
     sessions with nothing left to write, and runs one decoder step of every other session in
     one batched call (`nmt.simultaneous.write_steps`), so an end-of-sentence flush advances a
     step per tick beside everyone else's steps instead of holding the thread.
+
+    With `drafts`, the time between ticks writes each open sentence's end ahead
+    (`WaitKPolicy.end_draft`), one batched step at a time, a new frame waiting at most one
+    step: an end of input that comes with nothing new releases the rest of the sentence at
+    once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, drafts: bool = True) -> None:
+        self.drafts = drafts
         self._source: object | None = None  # the served translator the copy was taken from
         self._translator: Any = None
         self._wake = threading.Condition()
@@ -128,6 +139,8 @@ class LiveWorker:
         self._inbox: list[_Frame] = []
         self._dropped: list[Any] = []  # policies whose clients left
         self._frames: list[_Frame] = []  # being written (worker thread only)
+        self._open: dict[int, Any] = {}  # policies of sentences in progress (worker thread only)
+        self._drafting = False  # some open sentence's end draft has steps left (worker only)
 
     def translator(self, served: Any) -> Any:
         """The live copy of `served` (worker thread only): the same tokenizer and options, a
@@ -179,23 +192,31 @@ class LiveWorker:
     def _serve(self) -> None:
         while True:
             with self._wake:
-                while not (self._calls or self._inbox or self._dropped or self._frames):
+                while not (self._calls or self._inbox or self._dropped or self._frames
+                           or self._drafting):  # fmt: skip
                     self._wake.wait()
                 calls, inbox, dropped = self._calls, self._inbox, self._dropped
                 self._calls, self._inbox, self._dropped = [], [], []
             try:
-                self._tick(calls, inbox, dropped)
+                if calls or inbox or dropped or self._frames:
+                    self._tick(calls, inbox, dropped)
+                    self._drafting = self.drafts and bool(self._open)
+                else:
+                    self._drafting = self._draft_step()
             except Exception as err:  # a bug, not a frame's fault: fail what is in hand
                 logger.exception("the live worker failed a tick")
                 for frame in self._frames:
                     if not frame.answer.done():
                         frame.answer.set_exception(err)
                 self._frames = []
+                self._drafting = False
 
     def _tick(self, calls: list[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]],
               inbox: list[_Frame], dropped: list[Any]) -> None:  # fmt: skip
         gone = {id(policy) for policy in dropped}
         self._frames = [f for f in self._frames if id(f.policy) not in gone]
+        for key in gone:
+            self._open.pop(key, None)
         for fn, args, future in calls:
             if future.set_running_or_notify_cancel():
                 try:
@@ -214,13 +235,30 @@ class LiveWorker:
     def _read(self, frame: _Frame) -> None:
         try:
             if frame.text is None:
-                frame.policy.end()
+                self._open.pop(id(frame.policy), None)
+                frame.policy.end()  # adopts its end draft if nothing was read since
             else:
+                self._open[id(frame.policy)] = frame.policy
                 frame.policy.read(frame.text)
         except Exception as err:  # a source over the limit, ...
             frame.answer.set_exception(err)
             return
         self._frames.append(frame)
+
+    def _draft_step(self) -> bool:
+        """One batched step of the open sentences' end drafts, run while no frame waits (so no
+        open sentence has a step of its own left); False when no draft has a step left."""
+        from nmt.simultaneous import encode_pending, write_steps
+
+        drafts = [d for p in self._open.values() if (d := p.end_draft()) is not None]
+        encode_pending(drafts)  # the word each sentence's draft ends on, if still being typed
+        by_model: dict[int, list[Any]] = {}
+        for draft in drafts:
+            if (step := draft.next_step()) is not None:
+                by_model.setdefault(id(draft.model), []).append(step)
+        for steps in by_model.values():
+            write_steps(steps)
+        return bool(by_model)
 
     def _write(self) -> None:
         """Answers the frames with nothing left to write; one batched step for the others."""
@@ -286,7 +324,7 @@ def build_live_router(settings: Settings, api_keys: list[str], metrics: Metrics)
     """The WebSocket route; `api_keys` empty means no auth, as for the REST routes."""
     router = APIRouter()
     keys = [k.encode() for k in api_keys]
-    worker = LiveWorker()
+    worker = LiveWorker(settings.live_drafts)
     live_metrics = LiveMetrics(metrics)
     active = [0]  # open sessions (event loop thread only)
     max_frame = 4 * settings.max_chars + 1024  # UTF-8 and JSON escaping, plus the envelope

@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1)  # Retry-After on 503
     restart_delay_s: float = Field(default=1.0, ge=0)  # pause before a crashed worker restarts
     load_retry_s: float = Field(default=0.0, ge=0)  # 0: exit if the model fails to load; else retry
+    live_drafts: bool = True  # live route: write each sentence's end ahead while idle (False: off)
 
     # -- connections (uvicorn) ----------------------------------------------------------------
     max_concurrent_requests: int = Field(default=2048, ge=1)  # in flight; beyond it 503

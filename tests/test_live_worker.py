@@ -81,7 +81,7 @@ def test_a_session_that_leaves_mid_flush_drops_out_of_the_batch_at_once(
     batches = Batches(monkeypatch)
 
     async def main() -> None:
-        worker = LiveWorker()
+        worker = LiveWorker(drafts=False)  # the end is written when it comes
         leaving = await new_policy(worker, translator, 30)  # writes nothing before the end
         others = [await new_policy(worker, translator, k) for k in (1, 2)]
         await type_frames(worker, leaving, [w + " " for w in SENTENCES[1].split()])
@@ -110,7 +110,7 @@ def test_words_go_out_as_each_step_completes_them(translator: Translator) -> Non
     # whole translation) releases its words tick by tick; with the answer's rest they are
     # exactly what the frame releases alone, in order
     async def main() -> tuple[list[list[list[str]]], list[tuple[list[str], int]]]:
-        worker = LiveWorker()
+        worker = LiveWorker(drafts=False)  # the end is written when it comes
         policy = await new_policy(worker, translator, 30)
         pieces: list[list[list[str]]] = []
         answers = []
@@ -128,3 +128,52 @@ def test_words_go_out_as_each_step_completes_them(translator: Translator) -> Non
     flush = [piece for piece in pieces[-1] if piece]
     assert len(flush) > 1  # the end flush went out in several releases
     assert all(len(p) == 0 for frame in pieces[:-1] for p in frame)  # k=30: nothing before
+
+
+async def draft_complete(worker: LiveWorker, policy: WaitKPolicy) -> bool:
+    """Waits (up to 10 s) for the worker to have written the end of the policy's sentence
+    ahead, in its idle time; asks on the worker thread, which owns the policy."""
+    for _ in range(1000):
+        draft = await worker.run(policy.end_draft)
+        if draft is not None and draft.done:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("drafts", [True, False])
+def test_an_idle_worker_writes_the_end_ahead_and_the_end_releases_it_at_once(
+    translator: Translator, monkeypatch: pytest.MonkeyPatch, drafts: bool
+) -> None:
+    # k=30 writes nothing before the end, so the end flush is the whole translation; with
+    # drafts the worker wrote it while waiting, and the end frame needs no decoder step
+    batches = Batches(monkeypatch)
+    frames = by_word(SENTENCES[3])
+    own = alone(translator, 30, frames)
+
+    async def main() -> None:
+        worker = LiveWorker(drafts=drafts)
+        policy = await new_policy(worker, translator, 30)
+        other = await new_policy(worker, translator, 2)  # types on meanwhile: its own steps
+        typing = asyncio.create_task(type_frames(worker, other, by_word(SENTENCES[1])))
+        answers = await type_frames(worker, policy, frames[:-1])
+        await typing
+        if drafts:
+            assert await draft_complete(worker, policy)
+        calls = len(batches.calls)
+        early: list[list[str]] = []
+        words, read = await asyncio.wrap_future(
+            worker.submit(policy, None, lambda words, read: early.append(words))
+        )
+        answers.append(([w for piece in [*early, words] for w in piece], read))
+        assert answers == own.answers
+        assert policy.tokens == own.policies[0].tokens and policy.done
+        flush_calls = [c for c in batches.calls[calls:] if policy in c]
+        if drafts:  # released at once, in one piece, with no step of its own
+            assert flush_calls == [] and early == []
+            assert any(policy not in c and len(c) > 0 for c in batches.calls[:calls])
+        else:
+            assert len(flush_calls) == len(policy.tokens) + 1  # every token and EOS
+        assert await worker.run(lambda: worker._open) == {}  # an ended sentence is not drafted
+
+    asyncio.run(main())

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import pytest
 import torch
@@ -488,6 +489,55 @@ def test_a_word_is_encoded_only_once_complete_and_output_is_never_revised(
     assert policy.text == " ".join(shown) and shown
     with pytest.raises(ValueError, match="ended"):
         policy.feed("más")
+
+
+@pytest.mark.parametrize("k", [1, 2, 30])
+def test_an_end_written_ahead_is_what_the_end_writes(waitk_translator: Translator, k: int) -> None:
+    # after each frame the end is drafted some steps ahead (none, one, all); a frame read
+    # afterwards discards the draft, and the end adopts it: every release is as without drafts,
+    # and an end whose draft is complete has nothing left to write
+    for text in SENTENCES:
+        for frames in (by_word(text), [*text, None]):  # by word; by character (the last word
+            own = alone(waitk_translator, k, frames)  # is still being typed at the end)
+            for ahead in (0, 1, 1000):
+                policy = WaitKPolicy(waitk_translator, k)
+                answers, draft = [], None
+                for frame in frames:
+                    if frame is not None:
+                        answers.append((policy.feed(frame), policy.source_words))
+                        assert draft is None or policy.end_draft() is not draft  # discarded
+                        draft = policy.end_draft()
+                        assert draft is not None and draft.source_ended
+                        for _ in range(ahead):
+                            if (step := draft.next_step()) is None:
+                                break
+                            write_steps([step])
+                        continue
+                    complete = cast(WaitKPolicy, draft).done
+                    policy.end()
+                    assert policy.end_draft() is None  # the input has ended
+                    if complete:
+                        assert policy.next_step() is None and policy.done
+                    while (step := policy.next_step()) is not None:
+                        write_steps([step])
+                    answers.append((policy.release(), policy.source_words))
+                assert answers == own.answers, (k, frames, ahead)
+                assert policy.tokens == own.policies[0].tokens
+                assert complete or ahead < 1000
+
+
+def test_no_end_is_drafted_past_the_subword_limit(waitk_translator: Translator) -> None:
+    from nmt.simultaneous import SourceTooLongError
+
+    read = "El gato come "
+    limit = sum(len(p) for p in waitk_translator.tokenizer.encode_src(read.split()))
+    policy = WaitKPolicy(waitk_translator, 2, max_source_tokens=limit)
+    policy.feed(read)
+    assert policy.end_draft() is not None  # ending here is within the limit
+    policy.feed("pan")  # still being typed: over the limit if the input ends now
+    assert policy.end_draft() is None
+    with pytest.raises(SourceTooLongError, match=f"limit is {limit}"):
+        policy.end()
 
 
 def test_the_policy_refuses_a_source_over_its_limit(waitk_translator: Translator) -> None:
