@@ -174,11 +174,13 @@ async def _live_run(url: str, clients: int, per_client: int, k: int, word_s: flo
 
 
 def live(model: Path, clients: int, per_client: int, k: int, word_ms: float, threads: int,
-         stagger: bool = False, drafts: bool = True) -> dict[str, Any]:  # fmt: skip
+         stagger: bool = False, drafts: bool = True, precision: str = "fp32"
+         ) -> dict[str, Any]:  # fmt: skip
     """Release latency of the live route with `clients` concurrent typists (see `_live_run`
-    for `stagger`); `drafts`: the server writes sentence ends ahead (`NMT_LIVE_DRAFTS`)."""
+    for `stagger`); `drafts`: the server writes sentence ends ahead (`NMT_LIVE_DRAFTS`);
+    `precision`: of the live route's model copy (`NMT_LIVE_PRECISION`)."""
     env = {"NMT_WARMUP": "true", "NMT_TORCH_THREADS": str(threads),
-           "NMT_LIVE_DRAFTS": str(drafts).lower()}  # fmt: skip
+           "NMT_LIVE_DRAFTS": str(drafts).lower(), "NMT_LIVE_PRECISION": precision}  # fmt: skip
     with serve_in_subprocess(model, env=env) as (base, _):
         url = base.replace("http://", "ws://") + "/v1/translate/live"
         asyncio.run(_live_run(url, 1, 1, k, word_ms / 1000))  # warm the live thread's kernels
@@ -187,7 +189,7 @@ def live(model: Path, clients: int, per_client: int, k: int, word_ms: float, thr
         )
     row: dict[str, Any] = {"clients": clients, "sentences": clients * per_client, "k": k,
                            "word_ms": word_ms, "threads": threads, "stagger": stagger,
-                           "drafts": drafts}  # fmt: skip
+                           "drafts": drafts, "precision": precision}  # fmt: skip
     for name, keep in (("all", (False, True)), ("on_words", (False,)), ("on_end", (True,))):
         ms = sorted(x * 1000 for x, at_end in latencies if at_end in keep)
         if ms:
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drafts", choices=["on", "off", "both"], default="on",
                    help="the server writes sentence ends ahead while idle (NMT_LIVE_DRAFTS); "
                         "both: one run with, then one without")  # fmt: skip
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                   help="of the live route's model copy (NMT_LIVE_PRECISION); several: one run "
+                        "each")  # fmt: skip
     for p in sub.choices.values():
         p.add_argument("--out", type=Path, default=None, help="append the rows here (JSON lines)")
         p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         drafts = {"on": [True], "off": [False], "both": [True, False]}[args.drafts]
         rows = [live(args.model, args.clients, args.sentences_per_client, args.k, args.word_ms,
-                     args.threads, args.stagger, on) for on in drafts]  # fmt: skip
+                     args.threads, args.stagger, on, precision)
+                for precision in args.precision for on in drafts]  # fmt: skip
     if args.out:
         with args.out.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -128,8 +128,9 @@ class LiveWorker:
     once.
     """
 
-    def __init__(self, drafts: bool = True) -> None:
+    def __init__(self, drafts: bool = True, precision: str | None = None) -> None:
         self.drafts = drafts
+        self.precision = precision  # of the model copy; None: the served translator's
         self._source: object | None = None  # the served translator the copy was taken from
         self._translator: Any = None
         self._wake = threading.Condition()
@@ -144,13 +145,20 @@ class LiveWorker:
 
     def translator(self, served: Any) -> Any:
         """The live copy of `served` (worker thread only): the same tokenizer and options, a
-        model of its own, copied again when the served translator changes."""
+        model of its own, copied again when the served translator changes. In bf16 the copy
+        keeps its weights in bf16: a live step is a few rows, so reading the weights is most
+        of its cost, and autocast would cast them again at every call."""
         if self._source is not served:
+            import torch
+
             from nmt.translate import Translator
 
+            precision = self.precision or served.precision
             model = copy.deepcopy(served.model)
+            if precision == "bf16":
+                model = model.to(torch.bfloat16)
             self._translator = Translator(model, served.tokenizer, served.cfg, served.meta,
-                                          served.device, served.precision)  # fmt: skip
+                                          served.device, precision)  # fmt: skip
             self._source = served
         return self._translator
 
@@ -324,7 +332,7 @@ def build_live_router(settings: Settings, api_keys: list[str], metrics: Metrics)
     """The WebSocket route; `api_keys` empty means no auth, as for the REST routes."""
     router = APIRouter()
     keys = [k.encode() for k in api_keys]
-    worker = LiveWorker(settings.live_drafts)
+    worker = LiveWorker(settings.live_drafts, settings.live_precision)
     live_metrics = LiveMetrics(metrics)
     active = [0]  # open sessions (event loop thread only)
     max_frame = 4 * settings.max_chars + 1024  # UTF-8 and JSON escaping, plus the envelope

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     model_dir: str | Path | None = None
     device: str = "cpu"  # cpu, cuda, cuda:1 or auto
     precision: Literal["fp32", "bf16"] = "fp32"
+    # the live route's own model copy: bf16 keeps its weights in bf16 (half the memory each of
+    # its small batched steps reads); unset: as `precision`
+    live_precision: Literal["fp32", "bf16"] | None = None
+    live_drafts: bool = True  # live route: write each sentence's end ahead while idle (False: off)
     quantize: bool = False  # removed: int8 runs in ONNX Runtime (serve an `nmt export --int8` dir)
     torch_threads: int = Field(default=0, ge=0)  # intra-op CPU threads; 0: torch's default
     warmup: bool = True  # translate one sentence before reporting ready (builds CPU kernels)
@@ -87,7 +91,6 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1)  # Retry-After on 503
     restart_delay_s: float = Field(default=1.0, ge=0)  # pause before a crashed worker restarts
     load_retry_s: float = Field(default=0.0, ge=0)  # 0: exit if the model fails to load; else retry
-    live_drafts: bool = True  # live route: write each sentence's end ahead while idle (False: off)
 
     # -- connections (uvicorn) ----------------------------------------------------------------
     max_concurrent_requests: int = Field(default=2048, ge=1)  # in flight; beyond it 503

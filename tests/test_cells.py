@@ -74,6 +74,24 @@ def test_plain_lstm_on_our_layer_matches_nn_lstm(precision: str):
         torch.testing.assert_close(mine, theirs, **tol)
 
 
+def test_layer_normalised_lstm_in_bf16_follows_fp32():
+    # under bf16 autocast lstm_ln's products run in bf16 and its gate math in fp32: outputs
+    # and gradients within bf16 rounding of the fp32 computation
+    torch.manual_seed(0)
+    layer = RecurrentLayer("lstm_ln", 16, 32)
+    x = torch.randn(4, 9, 16)
+    results = []
+    for bf16 in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out, (_, c) = layer(x)
+        (out.float().square().sum() + c.float().sum()).backward()
+        results.append([out.float(), c.float(), *(p.grad.clone() for p in layer.parameters())])
+    for ref, low in zip(*results, strict=True):
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(low, ref, atol=0.02 * scale, rtol=0.02)
+
+
 def test_every_lstm_variant_starts_with_forget_bias_one():
     for kind in GATES:
         layer = RecurrentLayer(kind, 4, 3)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from test_simultaneous import SENTENCES, alone, by_word, train_tiny_waitk
 
 import nmt.simultaneous
@@ -177,3 +178,25 @@ def test_an_idle_worker_writes_the_end_ahead_and_the_end_releases_it_at_once(
         assert await worker.run(lambda: worker._open) == {}  # an ended sentence is not drafted
 
     asyncio.run(main())
+
+
+def test_a_bf16_live_copy_keeps_bf16_weights_and_batches_exactly(translator: Translator) -> None:
+    # NMT_LIVE_PRECISION=bf16: the worker's own model copy holds bf16 weights (the served one
+    # keeps its fp32), and sessions batched on it write what each writes alone on it
+    plan = [(1, SENTENCES[0]), (2, SENTENCES[1]), (3, SENTENCES[2]), (30, SENTENCES[3])]
+
+    async def main() -> tuple[Translator, list[list[tuple[list[str], int]]]]:
+        worker = LiveWorker(precision="bf16")
+        live = await worker.run(worker.translator, translator)
+        policies = [await new_policy(worker, translator, k) for k, _ in plan]
+        answers = await asyncio.gather(*(type_frames(worker, policy, by_word(text))
+                                         for policy, (_, text) in zip(policies, plan, strict=True)))  # fmt: skip
+        return live, answers
+
+    live, answers = asyncio.run(main())
+    assert live.precision == "bf16"
+    assert {p.dtype for p in live.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in translator.model.parameters()} == {torch.float32}
+    for got, (k, text) in zip(answers, plan, strict=True):
+        assert got == alone(live, k, by_word(text)).answers, (k, text)
+    assert any(words for got in answers for words, _ in got)

@@ -14,7 +14,7 @@ import torch
 
 from nmt.cli import main
 from nmt.config import ConfigError, load_config
-from nmt.model import Seq2Seq, build_model
+from nmt.model import EncoderMemory, Seq2Seq, build_model
 from nmt.model.attention import wait_k_mask
 from nmt.simultaneous import (
     WaitKPolicy,
@@ -34,7 +34,7 @@ from nmt.train import wait_k_of_rows, wait_k_of_step
 from nmt.translate import Translator
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-VOCAB, PAD = 40, 0
+VOCAB, PAD, BOS = 40, 0, 2
 
 # (name, overrides): every attention arrangement and both teacher-forcing paths of Luong
 VARIANTS = [
@@ -140,6 +140,35 @@ def test_encoders_advanced_together_equal_each_advanced_alone(cell: str) -> None
                 want_parts = [want] if isinstance(want, torch.Tensor) else list(want)
                 for g, w in zip(got_parts, want_parts, strict=True):
                     torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_ln", "lstm_cifg", "lstm_peephole"])
+def test_a_model_with_bf16_weights_advances_and_steps_as_in_fp32(cell: str) -> None:
+    # the live worker's bf16 copy (NMT_LIVE_PRECISION=bf16) runs every cell: the source
+    # encoded in pieces and decoder steps match fp32 within bf16 rounding
+    src = torch.randint(4, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    results = []
+    for bf16 in (False, True):
+        model = uni_model([f"model.cell={cell}", "model.decoder.input_feeding=true"])
+        model = model.to(torch.bfloat16) if bf16 else model
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            first, first_keys, state = model.encode_more(src[:, :3])
+            rest, rest_keys, _ = model.encode_more(src[:, 3:], state)
+            enc_out = torch.cat([first, rest], dim=1)
+            keys = None if rest_keys is None else torch.cat([first_keys, rest_keys], dim=1)
+            dec = model.decoder.init_state(enc_out[:, 2])
+            memory = EncoderMemory(enc_out, torch.ones(2, 5, dtype=torch.bool), keys)
+            prev = torch.tensor([BOS, BOS])
+            logits = []
+            for _ in range(3):
+                out, dec, _ = model.decode_step(prev, dec, memory)
+                logits.append(model.output_logits(out).float())
+                prev = torch.tensor([7, 9])  # the same inputs for both precisions
+        results.append((enc_out.float(), torch.stack(logits)))
+    (enc32, logits32), (enc16, logits16) = results
+    tol = 0.05 if cell == "lstm_ln" else 0.02  # layer norms magnify bf16 rounding
+    torch.testing.assert_close(enc16, enc32, atol=tol, rtol=0)
+    torch.testing.assert_close(logits16, logits32, atol=tol * float(logits32.abs().max()), rtol=0)
 
 
 def test_a_bidirectional_encoder_refuses_to_advance() -> None:
