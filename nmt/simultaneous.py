@@ -502,25 +502,34 @@ class WaitKPolicy:
 
 
 def encode_pending(policies: Sequence[WaitKPolicy]) -> list[int]:
-    """Encodes the words the policies have read and not yet encoded, batched: sentences with
-    the same number of new subwords (and the same model) advance their encoders in one call,
-    states stacked, so each gets what it gets alone (`Seq2Seq.encode_more`). The live route's
-    worker calls it for the frames of a tick; `next_step` encodes what is left on its own.
-    Returns the number of sentences in each encoder call."""
+    """Encodes the words the policies have read and not yet encoded, batched: the sentences of
+    one model advance their encoders in one call, states stacked, so each gets what it gets
+    alone (`Seq2Seq.encode_more`); their new subwords are padded to the longest where the
+    encoder takes ragged lengths (fused nn.LSTM / nn.GRU layers), else sentences with as many
+    new subwords go together. The live route's worker calls it for the frames of a tick;
+    `next_step` encodes what is left on its own. Returns the number of sentences in each
+    encoder call."""
     groups: dict[tuple[int, int], list[WaitKPolicy]] = {}
     for policy in policies:
         if policy._unencoded:
-            groups.setdefault((id(policy.model), len(policy._unencoded)), []).append(policy)
+            ragged = policy.model.encoder.ragged_advance
+            count = 0 if ragged else len(policy._unencoded)
+            groups.setdefault((id(policy.model), count), []).append(policy)
     for group in groups.values():
         first = group[0]
         device = first.translator.device
-        src = torch.tensor([p._unencoded for p in group], dtype=torch.long, device=device)
+        new = [torch.tensor(p._unencoded, dtype=torch.long) for p in group]
+        src = pad_sequence(new, batch_first=True, padding_value=first.tokenizer.pad_id)
+        lengths = torch.tensor([len(ids) for ids in new])
+        ragged = bool((lengths != src.size(1)).any())
         with torch.no_grad(), autocast(device, first.translator.precision):
             state = stack_states([p._enc_state for p in group])
-            enc_out, keys, state = first.model.encode_more(src, state)
-        for i, policy in enumerate(group):
-            row = None if keys is None else keys[i : i + 1]
-            policy._take_encoded(enc_out[i : i + 1], row, state_row(state, i))
+            enc_out, keys, state = first.model.encode_more(
+                src.to(device), state, lengths.to(device) if ragged else None
+            )
+        for i, (policy, n) in enumerate(zip(group, lengths.tolist(), strict=True)):
+            row = None if keys is None else keys[i : i + 1, :n]
+            policy._take_encoded(enc_out[i : i + 1, :n], row, state_row(state, i))
     return [len(group) for group in groups.values()]
 
 

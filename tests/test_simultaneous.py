@@ -142,6 +142,42 @@ def test_encoders_advanced_together_equal_each_advanced_alone(cell: str) -> None
                     torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_encoders_advanced_by_different_numbers_of_tokens_together_equal_each_alone(
+    cell: str,
+) -> None:
+    # the fused cells take ragged rows: sentences that read 1, 3 and 2 new subwords (one with
+    # nothing read before) advance in one call, padded, each row's state after its own tokens
+    model = uni_model([f"model.cell={cell}"])
+    assert model.encoder.ragged_advance
+    gen = torch.Generator().manual_seed(6)
+    prefixes = [torch.randint(4, VOCAB, (1, n), generator=gen) for n in (2, 0, 4)]
+    counts = [1, 3, 2]
+    new = torch.randint(4, VOCAB, (3, 3), generator=gen)
+    with torch.no_grad():
+        states = [None if p.size(1) == 0 else model.encode_more(p)[2] for p in prefixes]
+        padded = new.clone()
+        for i, n in enumerate(counts):
+            padded[i, n:] = PAD
+        together, keys, after = model.encode_more(padded, stack_states(states),
+                                                  torch.tensor(counts))  # fmt: skip
+        assert keys is not None
+        for i, (state, n) in enumerate(zip(states, counts, strict=True)):
+            alone, alone_keys, alone_after = model.encode_more(new[i : i + 1, :n], state)
+            torch.testing.assert_close(together[i : i + 1, :n], alone, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(keys[i : i + 1, :n], alone_keys, rtol=1e-5, atol=1e-6)
+            row, want = state_row(after, i), alone_after
+            for got_layer, want_layer in zip(row.layers, want.layers, strict=True):
+                got_parts = [got_layer] if isinstance(got_layer, torch.Tensor) else got_layer
+                want_parts = [want_layer] if isinstance(want_layer, torch.Tensor) else want_layer
+                for g, w in zip(got_parts, want_parts, strict=True):
+                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    ours = uni_model(["model.cell=lstm_ln"])
+    assert not ours.encoder.ragged_advance  # our cells advance equal lengths only
+    with pytest.raises(ValueError, match="ragged"):
+        ours.encode_more(padded, None, torch.tensor(counts))
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_ln", "lstm_cifg", "lstm_peephole"])
 def test_a_model_with_bf16_weights_advances_and_steps_as_in_fp32(cell: str) -> None:
     # the live worker's bf16 copy (NMT_LIVE_PRECISION=bf16) runs every cell: the source

@@ -104,29 +104,52 @@ def _run(rnn: nn.Module, x: Tensor) -> Tensor:
 LayerState = tuple[Tensor, Tensor] | Tensor
 
 
-def _advance_layer(layer: nn.Module, x: Tensor, state: LayerState | None
-                   ) -> tuple[Tensor, LayerState]:  # fmt: skip
-    """One layer over x (B, S', D) from `state` (None: zeros). The fused nn.LSTM / nn.GRU run
-    as cell kernels token by token: a live source arrives a few tokens at a time, and oneDNN
-    builds a sequence kernel for every new length (about 40 ms each on CPU), while the cell
-    kernel's shape never changes."""
+def _advance_layer(
+    layer: nn.Module, x: Tensor, state: LayerState | None, lengths: Tensor | None = None
+) -> tuple[Tensor, LayerState]:
+    """One layer over x (B, S', D) from `state` (None: zeros); with `lengths` (B,), row b's
+    tokens are its first lengths[b] and the state returned is the one after them (the rest
+    is padding, its outputs undefined).
+
+    The fused nn.LSTM / nn.GRU run step by step here: a live source arrives a few tokens at a
+    time, and oneDNN builds a sequence kernel for every new length (about 40 ms each on CPU).
+    The input's product for all the tokens is one matrix product, so that only h W_hh^T is
+    per token: the few rows of a live batch make each product a pass over the weights, which
+    is its whole cost. Our own cells run their layer (equal lengths only)."""
     if type(layer) not in (nn.LSTM, nn.GRU):  # our own cells; a quantised layer
+        if lengths is not None and bool((lengths != x.size(1)).any()):
+            raise ValueError("ragged lengths need a fused nn.LSTM or nn.GRU layer")
         return layer(x) if state is None else layer(x, state)
     rnn = cast(nn.RNNBase, layer)
-    weights = rnn.all_weights[0]  # w_ih, w_hh, b_ih, b_hh
-    zeros = x.new_zeros(x.size(0), rnn.hidden_size)
+    w_ih, w_hh, b_ih, b_hh = rnn.all_weights[0]
+    lstm = isinstance(rnn, nn.LSTM)
+    width = rnn.hidden_size
+    pre = nn.functional.linear(x, w_ih, b_ih)  # (B, S', G*H), every token in one product
+    if state is None:
+        h = pre.new_zeros(x.size(0), width)
+    else:
+        h = state[0][0] if lstm else cast(Tensor, state)[0]
+    c = state[1][0].float() if lstm and state is not None else h.float()  # GRU: unused
     outs = []
-    if isinstance(rnn, nn.LSTM):
-        h, c = (zeros, zeros) if state is None else (state[0][0], state[1][0])
-        for t in range(x.size(1)):
-            h, c = torch.lstm_cell(x[:, t], (h, c), *weights)
-            outs.append(h)
-        return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
-    h = zeros if state is None else cast(Tensor, state)[0]
     for t in range(x.size(1)):
-        h = torch.gru_cell(x[:, t], h, *weights)
+        rec = nn.functional.linear(h, w_hh, b_hh).float()
+        gates = pre[:, t].float()
+        if lstm:  # gate order i, f, g, o (nn.LSTM's)
+            i, f, g, o = (gates + rec).chunk(4, dim=1)
+            c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_new = (torch.sigmoid(o) * torch.tanh(c_new)).to(h.dtype)
+        else:  # r, z, n: n = tanh(x W_in + b_in + r * (h W_hn + b_hn)) (nn.GRU's)
+            reset, update = torch.sigmoid(gates[:, : 2 * width] + rec[:, : 2 * width]).chunk(2, 1)
+            new = torch.tanh(gates[:, 2 * width :] + reset * rec[:, 2 * width :])
+            h_new = torch.lerp(new, h.float(), update).to(h.dtype)
+            c_new = c
+        if lengths is not None:  # rows past their length keep their state
+            live = (t < lengths).unsqueeze(1)
+            h_new, c_new = torch.where(live, h_new, h), torch.where(live, c_new, c)
+        h, c = h_new, c_new
         outs.append(h)
-    return torch.stack(outs, dim=1), h.unsqueeze(0)
+    out = torch.stack(outs, dim=1)
+    return out, ((h.unsqueeze(0), c.unsqueeze(0)) if lstm else h.unsqueeze(0))
 
 
 class EncoderState(NamedTuple):
@@ -244,8 +267,13 @@ class Encoder(nn.Module):
         # every decoding step, so copy once here
         return x.contiguous(), final
 
+    @property
+    def ragged_advance(self) -> bool:
+        """Whether `advance` takes rows of different lengths (fused nn.LSTM / nn.GRU layers)."""
+        return all(type(layer) in (nn.LSTM, nn.GRU) for layer in self.layers)
+
     def advance(
-        self, emb: Tensor, state: EncoderState | None = None
+        self, emb: Tensor, state: EncoderState | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, EncoderState]:
         """Encodes more source tokens after those `state` has read (layout `uni` only).
 
@@ -253,10 +281,13 @@ class Encoder(nn.Module):
         `forward`, since no layer looks ahead.
 
         Args:
-            emb: (B, S', E) the next S' >= 1 embedded tokens (no padding).
+            emb: (B, S', E) the next S' >= 1 embedded tokens; no padding, unless `lengths`.
             state: what `advance` returned for the tokens before, or None at the start.
+            lengths: (B,) row b's new tokens are its first lengths[b] >= 1, the rest padding
+                (`ragged_advance` encoders only); None: all S'.
         Returns:
-            enc_out (B, S', He) of the new tokens and the state after them.
+            enc_out (B, S', He) of the new tokens (undefined past a row's length) and the
+            state after them (after each row's own length).
         """
         if not self.streaming:
             raise ValueError("only an encoder with layout 'uni' can be advanced token by token")
@@ -265,7 +296,7 @@ class Encoder(nn.Module):
         for i, layer in enumerate(self.layers):
             inp = x if i == 0 else self.dropout(x)
             before = None if state is None else state.layers[i]
-            out, after = _advance_layer(layer, inp, before)
+            out, after = _advance_layer(layer, inp, before, lengths)
             states.append(after)
             x = out + x if i >= self.residual_from else out
         length = emb.size(1) + (0 if state is None else state.length)

@@ -249,19 +249,21 @@ class Seq2Seq(nn.Module):
         return self.forward_with_attention(src, src_lengths, src_mask, tgt_in, wait_k)[0]
 
     def encode_more(
-        self, src: Tensor, state: EncoderState | None = None
+        self, src: Tensor, state: EncoderState | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, EncoderState]:
         """Encodes the next source tokens of a live source (a `uni` encoder): the same outputs
         and keys as `encode` computes for those positions of the whole sentence.
 
         Args:
-            src: (B, S') long, the next S' >= 1 tokens (no padding); state: from the last call,
-                or None at the start.
+            src: (B, S') long, the next S' >= 1 tokens; state: from the last call, or None at
+                the start; lengths: (B,) the number of row b's tokens, the rest padding (an
+                encoder with `ragged_advance` only), or None (no padding).
         Returns:
-            enc_out (B, S', He), their keys (B, S', Ha) or None (dot score), the new state.
+            enc_out (B, S', He), their keys (B, S', Ha) or None (dot score), the new state
+            (after each row's own tokens).
         """
         emb = self.embed_dropout(self.src_embed(src))  # (B, S', E)
-        enc_out, state = self.encoder.advance(emb, state)
+        enc_out, state = self.encoder.advance(emb, state, lengths)
         return enc_out, self.decoder.attention.project_keys(enc_out), state
 
     def decode_step(
