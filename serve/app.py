@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -218,6 +219,11 @@ def run_server(host: str, port: int, workers: int = 1) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=stop_on_load_failure)
+    # what is loaded by now (torch, the framework, the app) lives as long as the process:
+    # out of the collector's sight, a full collection no longer walks it (a pause of several
+    # ms on every thread, live releases included); the model, loaded later, stays collectable
+    gc.collect()
+    gc.freeze()
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", **limits))
     server.run()
     if failure:
