@@ -91,18 +91,20 @@ def curve(models: list[Path], ks: list[int], n: int, beam: int) -> list[dict[str
     return rows
 
 
-def offline(models: list[Path], ks: list[int], n: int) -> list[dict[str, Any]]:
+def offline(models: list[Path], ks: list[int], n: int, precision: str = "fp32"
+            ) -> list[dict[str, Any]]:  # fmt: skip
     """Wait-k BLEU of whole test sentences decoded offline (`nmt.simultaneous.wait_k_texts`,
     the same output as the live policy, without the latency bookkeeping): fast enough for the
-    whole test set. A per-k model is decoded at its own k only, as in `curve`."""
+    whole test set. A per-k model is decoded at its own k only, as in `curve`. `precision`:
+    bf16 decodes with the live route's bf16 model copy (`NMT_LIVE_PRECISION=bf16`)."""
     from nmt.metrics import score_files_text
-    from nmt.simultaneous import wait_k_texts
+    from nmt.simultaneous import live_translator, wait_k_texts
     from nmt.translate import Translator
 
     src, ref = _lines(TEST_SRC, n), _lines(TEST_REF, n)
     rows: list[dict[str, Any]] = []
     for model_dir in models:
-        translator = Translator.load(model_dir)
+        translator = live_translator(Translator.load(model_dir), precision)
         ids = translator.tokenizer.encode_src(src)
         trained_k = translator.cfg.train.wait_k
         for k in [k for k in ks if not isinstance(trained_k, int) or k == trained_k]:
@@ -110,7 +112,8 @@ def offline(models: list[Path], ks: list[int], n: int) -> list[dict[str, Any]]:
             hyps = wait_k_texts(translator, ids, k)
             bleu = score_files_text(hyps, [ref], bootstrap=0)["bleu"]["score"]
             rows.append({"model": translator.cfg.name, "model_dir": str(model_dir),
-                         "decoding": f"wait-{k}, offline", "bleu": round(bleu, 2),
+                         "decoding": f"wait-{k}, offline", "precision": precision,
+                         "bleu": round(bleu, 2),
                          "sentences": len(src),
                          "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, action="append", required=True)
     p.add_argument("--k", type=int, nargs="+", default=[1, 3, 5, 7])
     p.add_argument("--sentences", type=int, default=0, help="first N test sentences (0: all)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the live route's bf16 model copy (NMT_LIVE_PRECISION=bf16)")  # fmt: skip
     p = sub.add_parser("live", help="release latency of /v1/translate/live")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--clients", type=int, default=8)
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        rows = offline(args.model, args.k, args.sentences)
+        rows = offline(args.model, args.k, args.sentences, args.precision)
     else:
         drafts = {"on": [True], "off": [False], "both": [True, False]}[args.drafts]
         rows = [live(args.model, args.clients, args.sentences_per_client, args.k, args.word_ms,

@@ -230,6 +230,19 @@ def wait_k_texts(
 # ---------------------------------------------------------------------------------------------
 
 
+def live_translator(translator: Translator, precision: str | None = None) -> Translator:
+    """A copy of `translator` with a model of its own, for a thread that decodes live sources
+    (the same tokenizer and options), in `precision` (default: the translator's). In bf16 the
+    copy keeps its weights in bf16: a live step is a few rows, so reading the weights is most
+    of its cost, and autocast would cast them again at every call."""
+    precision = precision or translator.precision
+    model = copy.deepcopy(check_streaming_model(translator.model))
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    return Translator(model, translator.tokenizer, translator.cfg, translator.meta,
+                      translator.device, precision)  # fmt: skip
+
+
 class SourceTooLongError(ValueError):
     """The live source passed the policy's limit on source subwords."""
 

@@ -32,27 +32,27 @@ loaded translator, so they never touch the batcher's model and never block the e
 
 That thread batches the sessions. A route hands it each frame and awaits the answer (the words
 released and the source words read). Every tick the thread reads the frames that arrived and
-encodes their new words, batched (`nmt.simultaneous.encode_pending`: sessions with as many new
-subwords advance their encoders in one call, states stacked), answers the sessions with nothing
-left to write, and runs the next decoder step of all the others as one batched call
+encodes their new words, batched (`nmt.simultaneous.encode_pending`: the sessions advance their
+encoders in one call, states stacked, new subwords padded to the longest), answers the sessions
+with nothing left to write, and runs the next decoder step of all the others as one batched call
 (`nmt.simultaneous.write_steps`: decoder states and previous tokens stacked, the source each
-step reads padded and masked), so a session writes exactly what it writes alone. A release
-waits behind at most one batched step of other sessions' work, and an end-of-sentence flush
-takes one step per tick beside everyone else's steps instead of holding the thread until it is
-done. Between frames the thread writes the end of every open sentence ahead
-(`WaitKPolicy.end_draft`: the rest of the translation as if the input ended now, one batched
-step at a time, so a frame that arrives waits at most one step); an end of input that comes
-with nothing new since adopts it and releases the rest at once. `NMT_LIVE_DRAFTS=false`
-turns this off (the spare time then goes to other work on the machine). While a frame is in
-the worker its route
-already listens for the next one, so a client that leaves mid-flush leaves the batch at the next
-tick; its sentence state is freed with it (only the route and a frame in flight hold it).
+step reads padded and masked), so a session writes exactly what it writes alone. A release waits
+behind at most one batched step of other sessions' work, and an end-of-sentence flush takes one
+step per tick beside everyone else's steps instead of holding the thread until it is done.
+Between frames the thread writes the end of every open sentence ahead (`WaitKPolicy.end_draft`:
+the rest of the translation as if the input ended now, one batched step at a time, so a frame
+that arrives waits at most one step); an end of input that comes with nothing new since adopts
+it and releases the rest at once. `NMT_LIVE_DRAFTS=false` turns this off (the spare time then
+goes to other work on the machine). While a frame is in the worker its route already listens for
+the next one, so a client that leaves mid-flush leaves the batch at the next tick; its sentence
+state is freed with it (only the route and a frame in flight hold it). The thread's model copy
+is in `NMT_LIVE_PRECISION` (default: the service's precision); in bf16 it keeps bf16 weights, so
+that a step of a few rows, whose cost is reading the weights, reads half as much.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
@@ -144,21 +144,12 @@ class LiveWorker:
         self._drafting = False  # some open sentence's end draft has steps left (worker only)
 
     def translator(self, served: Any) -> Any:
-        """The live copy of `served` (worker thread only): the same tokenizer and options, a
-        model of its own, copied again when the served translator changes. In bf16 the copy
-        keeps its weights in bf16: a live step is a few rows, so reading the weights is most
-        of its cost, and autocast would cast them again at every call."""
+        """The live copy of `served` (worker thread only, `nmt.simultaneous.live_translator`),
+        in the worker's precision; copied again when the served translator changes."""
         if self._source is not served:
-            import torch
+            from nmt.simultaneous import live_translator
 
-            from nmt.translate import Translator
-
-            precision = self.precision or served.precision
-            model = copy.deepcopy(served.model)
-            if precision == "bf16":
-                model = model.to(torch.bfloat16)
-            self._translator = Translator(model, served.tokenizer, served.cfg, served.meta,
-                                          served.device, precision)  # fmt: skip
+            self._translator = live_translator(served, self.precision)
             self._source = served
         return self._translator
 
