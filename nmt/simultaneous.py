@@ -524,9 +524,8 @@ def encode_pending(policies: Sequence[WaitKPolicy]) -> list[int]:
     encoder call."""
     groups: dict[tuple[int, int], list[WaitKPolicy]] = {}
     for policy in policies:
-        if policy._unencoded:
-            ragged = policy.model.encoder.ragged_advance
-            count = 0 if ragged else len(policy._unencoded)
+        if policy._unencoded:  # rows of any length go together where the encoder pads them
+            count = 0 if policy.model.encoder.ragged_advance else len(policy._unencoded)
             groups.setdefault((id(policy.model), count), []).append(policy)
     for group in groups.values():
         first = group[0]
@@ -582,14 +581,21 @@ def write_steps(steps: Sequence[WaitKStep]) -> None:
 
     The sentences' states and previous tokens are stacked and the source each step reads is
     padded to the longest and masked, as beam search stacks hypotheses, so a sentence writes
-    what it writes alone whatever its company (k, length, progress). The steps must come from
-    policies over one model, one step per policy.
+    what it writes alone whatever its company (k, length, progress). One step per policy;
+    steps of policies over different models (a model replaced while sentences were open) run
+    as one call per model.
     """
-    if not steps:
-        return
+    by_model: dict[int, list[WaitKStep]] = {}
+    for step in steps:
+        by_model.setdefault(id(step.policy.model), []).append(step)
+    for group in by_model.values():
+        _write_one_model(group)
+
+
+def _write_one_model(steps: Sequence[WaitKStep]) -> None:
+    """`write_steps` for the steps of one model."""
     policy = steps[0].policy
     model, translator = policy.model, policy.translator
-    assert all(s.policy.model is model for s in steps), "steps of one model only"
     assert len({id(s.policy) for s in steps}) == len(steps), "one step per policy"
     with torch.no_grad(), autocast(translator.device, translator.precision):
         columns, state = _decode_steps(model, steps, policy._eos_col)

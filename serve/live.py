@@ -251,30 +251,25 @@ class LiveWorker:
 
         drafts = [d for p in self._open.values() if (d := p.end_draft()) is not None]
         encode_pending(drafts)  # the word each sentence's draft ends on, if still being typed
-        by_model: dict[int, list[Any]] = {}
-        for draft in drafts:
-            if (step := draft.next_step()) is not None:
-                by_model.setdefault(id(draft.model), []).append(step)
-        for steps in by_model.values():
-            write_steps(steps)
-        return bool(by_model)
+        steps = [step for draft in drafts if (step := draft.next_step()) is not None]
+        write_steps(steps)
+        return bool(steps)
 
     def _write(self) -> None:
         """Answers the frames with nothing left to write; one batched step for the others."""
         from nmt.simultaneous import write_steps
 
         writing: list[_Frame] = []
-        by_model: dict[int, list[Any]] = {}
+        steps = []
         for frame in self._frames:
             step = frame.policy.next_step()
             if step is None:
                 frame.answer.set_result((frame.policy.release(), frame.policy.source_words))
             else:
                 writing.append(frame)
-                by_model.setdefault(id(frame.policy.model), []).append(step)
+                steps.append(step)
         self._frames = writing
-        for steps in by_model.values():  # the sessions of a replaced model finish on their own
-            write_steps(steps)
+        write_steps(steps)  # one call per model: the sessions of a replaced model finish too
         for frame in writing:  # words the step completed go out now, not after the last step
             if frame.on_words is not None and (words := frame.policy.release()):
                 frame.on_words(words, frame.policy.source_words)

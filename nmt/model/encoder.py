@@ -125,6 +125,7 @@ def _advance_layer(
     lstm = isinstance(rnn, nn.LSTM)
     width = rnn.hidden_size
     pre = nn.functional.linear(x, w_ih, b_ih)  # (B, S', G*H), every token in one product
+    gates_in = pre.float()  # the gate math runs in fp32
     if state is None:
         h = pre.new_zeros(x.size(0), width)
     else:
@@ -133,7 +134,7 @@ def _advance_layer(
     outs = []
     for t in range(x.size(1)):
         rec = nn.functional.linear(h, w_hh, b_hh).float()
-        gates = pre[:, t].float()
+        gates = gates_in[:, t]
         if lstm:  # gate order i, f, g, o (nn.LSTM's)
             i, f, g, o = (gates + rec).chunk(4, dim=1)
             c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -145,7 +146,8 @@ def _advance_layer(
             c_new = c
         if lengths is not None:  # rows past their length keep their state
             live = (t < lengths).unsqueeze(1)
-            h_new, c_new = torch.where(live, h_new, h), torch.where(live, c_new, c)
+            h_new = torch.where(live, h_new, h)
+            c_new = torch.where(live, c_new, c) if lstm else c
         h, c = h_new, c_new
         outs.append(h)
     out = torch.stack(outs, dim=1)
