@@ -5,11 +5,11 @@ length 32, so B = 128, T = 32): an encoder layer (512 -> 256) and the decoder's 
 input feeding (1024 -> 512). Every implementation is timed in alternation, in bf16 autocast and
 in fp32; the median of `--iters` runs after warm-up is reported, and `ratio` is its time over
 nn.LSTM's in the same precision. `ours:lstm` is a plain LSTM on our layer (the target: no slower
-than nn.LSTM); `+compiled` rows run the gate math through torch.compile instead of eager code.
-Prints JSON.
+than nn.LSTM); `+compiled` rows run the gate math through torch.compile instead of eager code,
+`+native` lstm_ln's C++ kernel (`train.cell_kernels`). Prints JSON.
 
     python -m benchmarks.cells_speed --threads 2
-    python -m benchmarks.cells_speed --iters 3 --no-compile
+    python -m benchmarks.cells_speed --iters 3 --no-compile --no-native
 """
 
 from __future__ import annotations
@@ -24,30 +24,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmt.model.cells import RecurrentLayer, compile_pointwise
+from nmt.model.cells import RecurrentLayer, use_kernels
 
 SHAPES = {"encoder 512->256": (512, 256), "decoder 1024->512": (1024, 512)}
 BATCH, LENGTH = 128, 32
 
 
 def makers(
-    input_dim: int, hidden: int, compiled: bool
-) -> dict[str, tuple[Callable[[], nn.Module], bool]]:
-    """Name -> (layer constructor, whether its gate math runs compiled)."""
-    found: dict[str, tuple[Callable[[], nn.Module], bool]] = {
-        "nn.LSTM": (lambda: nn.LSTM(input_dim, hidden, batch_first=True), False),
-        "nn.GRU": (lambda: nn.GRU(input_dim, hidden, batch_first=True), False),
+    input_dim: int, hidden: int, compiled: bool, native: bool
+) -> dict[str, tuple[Callable[[], nn.Module], str]]:
+    """Name -> (layer constructor, how its gate math runs: `cells.use_kernels`)."""
+    found: dict[str, tuple[Callable[[], nn.Module], str]] = {
+        "nn.LSTM": (lambda: nn.LSTM(input_dim, hidden, batch_first=True), "eager"),
+        "nn.GRU": (lambda: nn.GRU(input_dim, hidden, batch_first=True), "eager"),
     }
     for kind in ("lstm", "lstm_ln", "lstm_peephole", "lstm_cifg"):
         make = lambda kind=kind: RecurrentLayer(kind, input_dim, hidden)  # noqa: E731
-        found[f"ours:{kind}"] = (make, False)
+        found[f"ours:{kind}"] = (make, "eager")
         if kind in ("lstm", "lstm_ln") and compiled:
-            found[f"ours:{kind}+compiled"] = (make, True)
+            found[f"ours:{kind}+compiled"] = (make, "compiled")
+        if kind == "lstm_ln" and native:
+            found[f"ours:{kind}+native"] = (make, "native")
     return found
 
 
 def layer_fn(
-    make: Callable[[], nn.Module], shape: tuple[int, int], precision: str, compiled: bool
+    make: Callable[[], nn.Module], shape: tuple[int, int], precision: str, kernels: str
 ) -> Callable[[], None]:
     """One forward + backward through a fresh layer on a fixed random batch."""
     torch.manual_seed(0)
@@ -56,7 +58,7 @@ def layer_fn(
     grad = torch.randn((BATCH, LENGTH, shape[1]))
 
     def run() -> None:
-        compile_pointwise(compiled)
+        use_kernels(kernels)
         with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             out, _ = layer(x)
         out.backward(grad.to(out.dtype))
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--no-native", action="store_true", help="skip the C++ kernel's rows")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,11 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     for shape, dims in SHAPES.items():
         for precision in ("bf16", "fp32"):
             fns = {
-                name: layer_fn(make, dims, precision, compiled)
-                for name, (make, compiled) in makers(*dims, not args.no_compile).items()
+                name: layer_fn(make, dims, precision, kernels)
+                for name, (make, kernels) in makers(
+                    *dims, not args.no_compile, not args.no_native
+                ).items()
             }
             seconds = measure(fns, args.warmup, args.iters)
-            compile_pointwise(False)
+            use_kernels("eager")
             reference = seconds["nn.LSTM"]
             results[f"{shape} {precision}"] = {
                 name: {

@@ -154,9 +154,12 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     nan_policy: Literal["stop", "skip"] = "stop"
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
-    # run the gate math of lstm_ln / lstm_peephole / lstm_cifg through torch.compile (one
-    # generated kernel per step; needs a C++ compiler, ~15 s at start): faster, off by default
-    compile_cells: bool = False
+    # how the gate math of lstm_ln / lstm_peephole / lstm_cifg runs: `eager` (plain tensor
+    # code), `compiled` (torch.compile, one generated kernel per step; needs a C++ compiler,
+    # ~15 s at every start) or `native` (lstm_ln only: one C++ kernel per step, built once per
+    # machine in about a minute and cached; needs a C++ compiler and ninja)
+    cell_kernels: Literal["eager", "compiled", "native"] = "eager"
+    compile_cells: bool = False  # older spelling of cell_kernels: compiled
     # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
     # only. k, or [lo, hi] to draw k from that range so one model serves every k (Elbayad et
     # al., 2020); null: full-sentence training. Needs model.encoder.layout: uni.
@@ -385,6 +388,21 @@ def validate(cfg: Config) -> None:
         not cfg.train.compile_cells or m.cell not in ("lstm", "gru"),
         f"train.compile_cells applies to the cells on our recurrence layer (lstm_ln, "
         f"lstm_peephole, lstm_cifg), not to model.cell={m.cell!r}, which runs on fused kernels",
+    )
+    kernels = cfg.train.cell_kernels
+    _check(
+        kernels == "eager" or m.cell not in ("lstm", "gru"),
+        f"train.cell_kernels={kernels} applies to the cells on our recurrence layer (lstm_ln, "
+        f"lstm_peephole, lstm_cifg), not to model.cell={m.cell!r}, which runs on fused kernels",
+    )
+    _check(
+        kernels != "native" or m.cell == "lstm_ln",
+        f"train.cell_kernels=native has a kernel for model.cell=lstm_ln only, not "
+        f"{m.cell!r}: use eager or compiled",
+    )
+    _check(
+        not cfg.train.compile_cells or kernels != "native",
+        "train.compile_cells and train.cell_kernels=native contradict each other: keep one",
     )
     _check(
         cfg.tokenizer.vocab_size >= 16,

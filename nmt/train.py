@@ -42,7 +42,7 @@ from nmt.data import (
 from nmt.ema import WeightEMA
 from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
-from nmt.model.cells import compile_pointwise
+from nmt.model.cells import use_kernels
 from nmt.schedule import BUDGET_SCHEDULES, learning_rate, warmup_done
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card, plot_curves
@@ -252,8 +252,7 @@ class Trainer:
         self.info = init_distributed(self.device)
         if self.tc.num_threads > 0:
             torch.set_num_threads(self.tc.num_threads)
-        if self.tc.compile_cells:
-            compile_pointwise(True)
+        use_kernels("compiled" if self.tc.compile_cells else self.tc.cell_kernels)
         self.precision = choose_precision(self.tc.precision, self.device)
         self.show_progress = progress and self.info.is_main
         torch.manual_seed(self.tc.seed)

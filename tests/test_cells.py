@@ -297,7 +297,7 @@ def test_compiled_gate_math_is_refused_for_the_fused_cells():
 def test_compiled_gate_math_gives_the_eager_results():
     """`train.compile_cells`: the layer-normalised cell through torch.compile'd step functions
     gives the outputs and gradients of the eager ones (fp32)."""
-    from nmt.model.cells import compile_pointwise
+    from nmt.model.cells import use_kernels
 
     torch.manual_seed(0)
     layer = RecurrentLayer("lstm_ln", 6, 5)
@@ -306,12 +306,116 @@ def test_compiled_gate_math_gives_the_eager_results():
     results = []
     try:
         for compiled in (False, True):
-            compile_pointwise(compiled)
+            use_kernels("compiled" if compiled else "eager")
             layer.zero_grad()
             out, (h, c) = layer(x, (h0, c0))
             (out.square().sum() + c.sum()).backward()
             results.append([out, h, c, *(p.grad.clone() for p in layer.parameters())])
     finally:
-        compile_pointwise(False)
+        use_kernels("eager")
     for eager, compiled_ in zip(*results, strict=True):
         torch.testing.assert_close(compiled_, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("train", "field"),
+    [
+        ({"cell_kernels": "native"}, "train.cell_kernels=native"),
+        ({"cell_kernels": "compiled"}, "train.cell_kernels=compiled"),
+        ({"cell_kernels": "fast"}, "train.cell_kernels"),
+    ],
+)
+def test_cell_kernels_that_cannot_apply_are_refused(train: dict[str, Any], field: str):
+    with pytest.raises(ConfigError, match=field):
+        config_from_dict({"model": {"cell": "lstm"}, "train": train})
+    with pytest.raises(ConfigError, match="lstm_ln only"):
+        config_from_dict({"model": {"cell": "lstm_cifg"}, "train": {"cell_kernels": "native"}})
+    with pytest.raises(ConfigError, match="contradict"):
+        config_from_dict(
+            {
+                "model": {"cell": "lstm_ln"},
+                "train": {"cell_kernels": "native", "compile_cells": True},
+            }
+        )
+    cfg = config_from_dict({"model": {"cell": "lstm_ln"}, "train": {"cell_kernels": "native"}})
+    assert cfg.train.cell_kernels == "native"
+
+
+@pytest.fixture
+def native_kernels() -> Any:
+    """lstm_ln's C++ kernel selected for the test, eager again after it."""
+    from nmt.model.cells import use_kernels
+
+    use_kernels("native")
+    yield use_kernels
+    use_kernels("eager")
+
+
+@pytest.mark.parametrize(
+    ("a_dtype", "hh_dtype"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float16),
+    ],
+)
+def test_native_step_gives_the_plain_step_functions_results(
+    native_kernels: Any, a_dtype: torch.dtype, hh_dtype: torch.dtype
+):
+    """The C++ step, forward and backward, against `_ln_fwd` / `_ln_bwd` on the same inputs:
+    every output in its dtype, equal to float32 rounding (or the low-precision dtype's)."""
+    from nmt.model import cells, ln_kernel
+
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 5, 24  # widths that are not a multiple of any vector length: 96 and 24
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    a, hh = rand(rows, 4 * width).to(a_dtype), (rand(rows, 4 * width, scale=3) + 1).to(hh_dtype)
+    c_prev = rand(rows, width)
+    weights = [rand(4 * width).abs() + 0.5, rand(width).abs() + 0.5, rand(width, scale=0.1)]
+    plain = cells._ln_fwd(a, hh, c_prev, *weights, hh_dtype)
+    native = ln_kernel.fwd(a, hh, c_prev, *weights, hh_dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if hh_dtype == torch.float32 else {}
+    for mine, theirs in zip(native[:2], plain[:2], strict=True):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs, **tol)
+    dh, dc = rand(rows, width).to(hh_dtype), rand(rows, width)
+    grads_plain = cells._ln_bwd(dh, dc, c_prev, plain[1], *plain[2:], *weights, a_dtype, hh_dtype)
+    grads_native = ln_kernel.bwd(
+        dh, dc, c_prev, native[1], *native[2:], *weights, a_dtype, hh_dtype
+    )
+    assert len(grads_native) == len(grads_plain) == 6
+    for mine, theirs in zip(grads_native, grads_plain, strict=True):
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+        torch.testing.assert_close(mine.float(), theirs.float(), **tol)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_native_kernel_gives_the_eager_model_training_step(native_kernels: Any, precision: str):
+    """A whole lstm_ln model (bidirectional encoder layer, input-feeding decoder) under
+    `train.cell_kernels: native`: logits and every parameter's gradient equal the eager run's
+    (float32 rounding; bf16 autocast: the same bf16 products, so close to its rounding)."""
+    model = tm.make_model("lstm_ln", "luong-general", "gnmt", input_feeding=True).train()
+    batch = tm.toy_batch(torch.Generator().manual_seed(4), batch=7)
+    results = []
+    for kernels in ("eager", "native"):
+        native_kernels(kernels)
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
+        loss, _, _ = tm.label_smoothed_nll(logits.float(), batch["tgt_out"], tm.PAD, 0.1)
+        loss.backward()
+        results.append([logits.float(), *(p.grad.clone() for p in model.parameters())])
+    tol = {"atol": 1e-5, "rtol": 1e-4} if precision == "fp32" else {"atol": 2e-2, "rtol": 2e-2}
+    for native, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(native, eager, **tol)
+
+
+def test_tiny_model_on_the_native_kernel_learns_to_reverse_token_strings(native_kernels: Any):
+    model = tm.make_model("lstm_ln", "luong-general", "gnmt", enc_hidden=16)
+    losses = tm.train_toy(model, steps=150)
+    start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert end < 0.3 * start, (start, end)

@@ -15,9 +15,10 @@ Where the speed comes from:
   `native_layer_norm`, statistics kept) and one backward that also gives its gain's gradient.
 - `cell_step` runs one step of the same gate math as one autograd node, for a loop that does
   its own products (the input-feeding decoder, `nmt.model.input_feeding`).
-- The pointwise step functions are plain tensor code; `compile_pointwise(True)` swaps in
-  torch.compile'd versions (one generated kernel per step and direction). benchmarks/cells_speed.py
-  measures both; eager is the default (see BENCHMARKS.md for why).
+- The pointwise step functions are plain tensor code; `use_kernels("compiled")` swaps in
+  torch.compile'd versions (one generated kernel per step and direction), `use_kernels("native")`
+  lstm_ln's C++ kernel (`nmt.model.ln_kernel`: both layer norms, the gate math and the casts in
+  one pass per step). benchmarks/cells_speed.py measures all three (see BENCHMARKS.md).
 
 Regularisation (training only): `dropout_recurrent` multiplies h_{t-1} in the recurrent product
 by one mask per sequence (Gal & Ghahramani, 2016); `weight_drop` drops entries of W_hh once per
@@ -217,14 +218,41 @@ _step_math: dict[str, _StepMath] = dict(_EAGER)
 _compiled: dict[str, _StepMath] = {}
 
 
-def compile_pointwise(enabled: bool) -> None:
-    """Runs the gate math through torch.compile (True) or as plain tensor code (False)."""
-    if enabled and not _compiled:
+KERNELS = ("eager", "compiled", "native")
+
+
+def use_kernels(kernels: str) -> None:
+    """Selects how the gate math runs: `eager` (plain tensor code), `compiled` (torch.compile,
+    one generated kernel per step and direction) or `native` (lstm_ln's gate math as one C++
+    kernel per step and direction, `nmt.model.ln_kernel`, built here if not yet; the other cells
+    stay eager). Raises RuntimeError where the native kernel cannot be built."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown cell kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+    if kernels == "compiled" and not _compiled:
         for kind, math_ in _EAGER.items():
             # default dynamic: the first batch size compiles static, a second one recompiles
             # with the batch dimension symbolic (token-bounded batches vary it), not once each
             _compiled[kind] = _StepMath(torch.compile(math_.fwd), torch.compile(math_.bwd))
-    _step_math.update(_compiled if enabled else _EAGER)
+    _step_math.update(_compiled if kernels == "compiled" else _EAGER)
+    if kernels == "native":
+        _step_math["lstm_ln"] = _ln_native()
+
+
+def _ln_native() -> _StepMath:
+    """lstm_ln's step functions on the C++ kernel for CPU tensors, on plain tensor code for
+    others (the kernel's forward keeps what its own backward needs; a step's device decides
+    both)."""
+    from nmt.model import ln_kernel
+
+    ln_kernel.load()
+
+    def fwd(a: Tensor, hh: Tensor, c_prev: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+        return (ln_kernel.fwd if a.device.type == "cpu" else _ln_fwd)(a, hh, c_prev, *rest)
+
+    def bwd(dh: Tensor, dc: Tensor, c_prev: Tensor, c: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+        return (ln_kernel.bwd if c.device.type == "cpu" else _ln_bwd)(dh, dc, c_prev, c, *rest)
+
+    return _StepMath(fwd, bwd)
 
 
 # -- the whole sequence as one autograd node ------------------------------------------------
