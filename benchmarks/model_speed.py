@@ -35,6 +35,7 @@ from nmt.config import apply_overrides, config_from_dict, load_config
 from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.model import dropout as nmt_dropout
+from nmt.model.cells import use_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
 PAD, BOS = 0, 2
@@ -175,6 +176,7 @@ def run_case(
     values = load_config(ROOT / config).to_dict()
     cfg = config_from_dict(apply_overrides(values, overrides + args.set))
     vocab = cfg.tokenizer.vocab_size
+    use_kernels("compiled" if cfg.train.compile_cells else cfg.train.cell_kernels)
     torch.manual_seed(0)
     model = build_model(cfg.model, vocab, vocab, PAD)
     batch = synthetic_batch(vocab, batch_tokens, args.length, torch.Generator().manual_seed(0))
@@ -238,7 +240,13 @@ def run_case(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--configs", nargs="*", default=[], help="extra config files")
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        default=[],
+        help="extra config files, each optionally with its own overrides: "
+        "configs/bible-es-en-lstm_ln.yaml+train.cell_kernels=native",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every case")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--length", type=int, default=32, help="padded source/target length")
@@ -263,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = {name: CASES[name] for name in args.cases}
-    cases.update({Path(path).stem: (path, [], 4096) for path in args.configs})
+    for spec in args.configs:  # PATH or PATH+KEY=VALUE+...: a config with its own overrides
+        path, *overrides = spec.split("+")
+        cases["+".join([Path(path).stem, *overrides])] = (path, overrides, 4096)
     results = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -396,8 +396,9 @@ def test_native_step_gives_the_plain_step_functions_results(
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_native_kernel_gives_the_eager_model_training_step(native_kernels: Any, precision: str):
     """A whole lstm_ln model (bidirectional encoder layer, input-feeding decoder) under
-    `train.cell_kernels: native`: logits and every parameter's gradient equal the eager run's
-    (float32 rounding; bf16 autocast: the same bf16 products, so close to its rounding)."""
+    `train.cell_kernels: native`: logits (with and without gradients) and every parameter's
+    gradient equal the eager run's (float32 rounding; bf16 autocast: the same bf16 products,
+    so close to its rounding). The decoder's steps normalise their input in the kernel too."""
     model = tm.make_model("lstm_ln", "luong-general", "gnmt", input_feeding=True).train()
     batch = tm.toy_batch(torch.Generator().manual_seed(4), batch=7)
     results = []
@@ -408,7 +409,13 @@ def test_native_kernel_gives_the_eager_model_training_step(native_kernels: Any, 
             logits = model(batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
         loss, _, _ = tm.label_smoothed_nll(logits.float(), batch["tgt_out"], tm.PAD, 0.1)
         loss.backward()
-        results.append([logits.float(), *(p.grad.clone() for p in model.parameters())])
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            inference = model(
+                batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"]
+            )
+        results.append(
+            [logits.float(), inference.float(), *(p.grad.clone() for p in model.parameters())]
+        )
     tol = {"atol": 1e-5, "rtol": 1e-4} if precision == "fp32" else {"atol": 2e-2, "rtol": 2e-2}
     for native, eager in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(native, eager, **tol)

@@ -216,6 +216,7 @@ _EAGER = {
 }
 _step_math: dict[str, _StepMath] = dict(_EAGER)
 _compiled: dict[str, _StepMath] = {}
+_native = {"lstm_ln": False}  # lstm_ln's steps on the C++ kernel (`use_kernels("native")`)
 
 
 KERNELS = ("eager", "compiled", "native")
@@ -234,6 +235,7 @@ def use_kernels(kernels: str) -> None:
             # with the batch dimension symbolic (token-bounded batches vary it), not once each
             _compiled[kind] = _StepMath(torch.compile(math_.fwd), torch.compile(math_.bwd))
     _step_math.update(_compiled if kernels == "compiled" else _EAGER)
+    _native["lstm_ln"] = kernels == "native"
     if kernels == "native":
         _step_math["lstm_ln"] = _ln_native()
 
@@ -431,7 +433,13 @@ class _CellStep(torch.autograd.Function):
 
 
 def cell_step(
-    kind: str, dtype: torch.dtype, a: Tensor, c_prev: Tensor, hh: Tensor | None, extra: list[Tensor]
+    kind: str,
+    dtype: torch.dtype,
+    a: Tensor,
+    c_prev: Tensor,
+    hh: Tensor | None,
+    extra: list[Tensor],
+    input_ln: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step of a variant's gate math in fp32, as the layer's loop runs it, for a caller
     that runs the products of the steps itself (`nmt.model.input_feeding`).
@@ -440,14 +448,26 @@ def cell_step(
         kind: an LSTM variant (`GATES`).
         dtype: the dtype of h out (the products' dtype).
         a: (B, G*H) the pre-activation: x_t W_ih^T + b + h_{t-1} W_hh^T; for lstm_ln
-            LN(x_t W_ih^T) + b only.
+            LN(x_t W_ih^T) + b only, or x_t W_ih^T where `input_ln` is given.
         c_prev: (B, H) fp32.
         hh: (B, G*H) h_{t-1} W_hh^T for lstm_ln (normalised here); None for the others.
         extra: the layer's own weights (`RecurrentLayer.extra_weights`).
+        input_ln: lstm_ln only: the gain and bias of a's layer norm, a = LN(a) * gain + bias
+            here (on the C++ kernel in the same pass as the rest, under `use_kernels("native")`).
     Returns:
         h (B, H) in dtype and c (B, H) fp32. With gradients on, the step is one autograd node
         with the hand-written backward; without, plain tensor code.
     """
+    if input_ln is not None:
+        assert kind == "lstm_ln" and hh is not None
+        if _native["lstm_ln"] and a.device.type == "cpu":
+            if torch.is_grad_enabled():
+                return _NativeLnStep.apply(dtype, a, c_prev, hh, *extra, *input_ln)  # type: ignore[no-any-return]
+            from nmt.model import ln_kernel
+
+            h, c, *_ = ln_kernel.load().forward(a, hh, c_prev, *extra, dtype, *input_ln)
+            return h, c
+        a = F.layer_norm(a.float(), a.shape[-1:], *input_ln, LN_EPS)  # mixed dtypes: CPU only
     if torch.is_grad_enabled():
         return _CellStep.apply(kind, dtype, a, c_prev, hh, *extra)  # type: ignore[no-any-return]
     extra32 = [e.float() for e in extra]
@@ -458,6 +478,44 @@ def cell_step(
         return h, c
     h, c, *_ = fwd(a.float(), c_prev, *extra32)
     return h.to(dtype), c
+
+
+class _NativeLnStep(torch.autograd.Function):
+    """lstm_ln's step with its input's layer norm as well, forward and backward on the C++
+    kernel (`cell_step` with `input_ln`, `use_kernels("native")`, CPU tensors).
+
+    Args: dtype (of h out), proj (B, 4H) x W_ih^T, c_prev (B, H), hh (B, 4H), then gain_h,
+    gain_c, bias_c (the layer's `extra_weights`) and gain_a, bias_a (a's layer norm).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, dtype: torch.dtype, proj: Tensor, c_prev: Tensor, hh: Tensor, *weights: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        from nmt.model import ln_kernel
+
+        gain_h, gain_c, bias_c, gain_a, bias_a = weights
+        h, c, act, tc, stats = ln_kernel.load().forward(
+            proj, hh, c_prev, gain_h, gain_c, bias_c, dtype, gain_a, bias_a
+        )
+        ctx.save_for_backward(c_prev, c, act, tc, stats, hh, proj, gain_h, gain_c, gain_a)
+        ctx.dtypes = (proj.dtype, hh.dtype, [w.dtype for w in weights])
+        return h, c
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, dh: Tensor, dc: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        from nmt.model import ln_kernel
+
+        c_prev, c, act, tc, stats, hh, proj, gain_h, gain_c, gain_a = ctx.saved_tensors
+        proj_dtype, hh_dtype, weight_dtypes = ctx.dtypes
+        d_proj, dc_prev, d_hh, *d_weights = ln_kernel.load().backward(
+            dh, dc, c_prev, c, act, tc, stats, hh, gain_h, gain_c, proj_dtype, hh_dtype, proj,
+            gain_a,
+        )  # fmt: skip
+        d_weights = [g.to(d) for g, d in zip(d_weights, weight_dtypes, strict=True)]
+        return (None, d_proj, dc_prev, d_hh, *d_weights)
 
 
 # -- the layer ----------------------------------------------------------------------------------

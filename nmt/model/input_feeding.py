@@ -25,11 +25,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.attention import EncoderMemory
-from nmt.model.cells import LN_EPS, RecurrentLayer, RecurrentNoise, cell_step
+from nmt.model.cells import RecurrentLayer, RecurrentNoise, cell_step
 
 
 class _LoopProducts(torch.autograd.Function):
@@ -146,7 +145,7 @@ class _Layer:
     - nn.LSTM, lstm_peephole, lstm_cifg: gates = base_t + [x; h] [W_ih | W_hh]^T, one matmul,
       base_t holding both biases (and the embeddings' share).
     - lstm_ln: x W_ih^T and h W_hh^T are normalised apart (Ba et al., 2016, sec. 6): two
-      products; LN(x W_ih^T) * gain + b is one F.layer_norm, LN(h W_hh^T) the cell's step.
+      products, both normalised in the cell's step (`cell_step` with `input_ln`).
     - nn.GRU: the n gate reads r * (W_hn h + b_hn), so x W_ih^T + b_ih and h W_hh^T + b_hh
       are two products.
 
@@ -207,10 +206,8 @@ class _Layer:
             gi = self.inputs.shared(t, x)
             return _gru_pointwise(gi, self.recurrent.shared(t, h_rec), hidden), cell
         if self.kind == "lstm_ln":
-            proj = self.inputs.shared(t, x).float()  # (a mixed-dtype layer norm is CPU-only)
-            a = F.layer_norm(proj, proj.shape[-1:], *self.ln_input, LN_EPS)
-            hh = self.recurrent.shared(t, h_rec)
-            return cell_step(self.kind, self.dtype, a, cell, hh, self.extra)
+            proj, hh = self.inputs.shared(t, x), self.recurrent.shared(t, h_rec)
+            return cell_step(self.kind, self.dtype, proj, cell, hh, self.extra, self.ln_input)
         gates = self.inputs.shared(t, torch.cat([x, h_rec], dim=1))
         if self.kind == "nn.lstm":
             return _lstm_pointwise(gates, cell)

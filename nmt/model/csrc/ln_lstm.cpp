@@ -2,6 +2,7 @@
 // one pass over the batch's rows on the CPU:
 //
 //   gates = a + LN(hh; gain_h)          a = LN(x W_ih^T) + b, hh = h_{t-1} W_hh^T
+//                                       (or a = x W_ih^T, normalised here with gain_a, bias_a)
 //   i, f, o = sigmoid(gates), g = tanh(gates)
 //   c_t = f * c_{t-1} + i * g
 //   h_t = o * tanh(LN(c_t; gain_c, bias_c))
@@ -106,11 +107,13 @@ int64_t grain(int64_t rows) {
 }  // namespace
 
 // Returns h (B, H) in out_dtype, c (B, H) float32, and for the backward: act (B, 4H) the gate
-// activations (sigmoid for i, f, o; tanh for g), tc (B, H) = tanh(LN(c)), stats (B, 4) = mean
-// and rstd of hh and of c.
+// activations (sigmoid for i, f, o; tanh for g), tc (B, H) = tanh(LN(c)), stats (B, 6) = mean
+// and rstd of hh, of c and of a (where a is normalised here: gain_a and bias_a given).
 std::vector<torch::Tensor> ln_lstm_forward(torch::Tensor a, torch::Tensor hh, torch::Tensor c_prev,
                                            torch::Tensor gain_h, torch::Tensor gain_c,
-                                           torch::Tensor bias_c, c10::ScalarType out_dtype) {
+                                           torch::Tensor bias_c, c10::ScalarType out_dtype,
+                                           c10::optional<torch::Tensor> gain_a,
+                                           c10::optional<torch::Tensor> bias_a) {
   a = a.contiguous();
   hh = hh.contiguous();
   c_prev = c_prev.to(torch::kFloat).contiguous();
@@ -125,17 +128,27 @@ std::vector<torch::Tensor> ln_lstm_forward(torch::Tensor a, torch::Tensor hh, to
   auto c = torch::empty({rows, width}, f32);
   auto act = torch::empty({rows, gates}, f32);
   auto tc = torch::empty({rows, width}, f32);
-  auto stats = torch::empty({rows, 4}, f32);
+  auto stats = torch::zeros({rows, 6}, f32);
+  const bool norm_a = gain_a.has_value();
+  TORCH_CHECK(norm_a == bias_a.has_value(), "ln_lstm: gain_a and bias_a go together");
+  torch::Tensor ga = norm_a ? gain_a->to(torch::kFloat).contiguous() : gain_h;
+  torch::Tensor ba = norm_a ? bias_a->to(torch::kFloat).contiguous() : gain_h;
   const float* gh = gain_h.data_ptr<float>();
   const float* gc = gain_c.data_ptr<float>();
   const float* bc = bias_c.data_ptr<float>();
   at::parallel_for(0, rows, grain(rows), [&](int64_t begin, int64_t end) {
     std::vector<float> x(gates), pre(gates), hrow(width);
     for (int64_t b = begin; b < end; ++b) {
-      float* st = stats.data_ptr<float>() + 4 * b;
+      float* st = stats.data_ptr<float>() + 6 * b;
       load_row(hh, b, x.data());
       row_stats(x.data(), gates, &st[0], &st[1]);
       load_row(a, b, pre.data());
+      if (norm_a) {  // a = LN(x W_ih^T) * gain_a + bias_a
+        row_stats(pre.data(), gates, &st[4], &st[5]);
+        const float ma = st[4], ra = st[5];
+        const float *g = ga.data_ptr<float>(), *bias = ba.data_ptr<float>();
+        for (int64_t j = 0; j < gates; ++j) pre[j] = (pre[j] - ma) * ra * g[j] + bias[j];
+      }
       const float mh = st[0], rh = st[1];
       float* s = act.data_ptr<float>() + b * gates;
       for (int64_t j = 0; j < gates; ++j) s[j] = pre[j] + (x[j] - mh) * rh * gh[j];
@@ -160,15 +173,18 @@ std::vector<torch::Tensor> ln_lstm_forward(torch::Tensor a, torch::Tensor hh, to
 }
 
 // The backward of `ln_lstm_forward` given dh (B, H) and dc = dL/dc_t from later steps (B, H).
-// Returns dA (B, 4H) in da_dtype (the gradient of a and of LN(hh)'s output), dc_{t-1} (B, H)
-// float32, d(hh) (B, 4H) in dhh_dtype, and the step's gradients of gain_h (4H), gain_c (H) and
-// bias_c (H), float32.
+// Returns dA (B, 4H) in da_dtype (the gradient of a: of the input product itself where a was
+// normalised in the forward, given here with gain_a), dc_{t-1} (B, H) float32, d(hh) (B, 4H) in
+// dhh_dtype, and the step's gradients of gain_h (4H), gain_c (H) and bias_c (H), float32, then
+// of gain_a and bias_a (4H each) where a was normalised.
 std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
                                             torch::Tensor c_prev, torch::Tensor c,
                                             torch::Tensor act, torch::Tensor tc,
                                             torch::Tensor stats, torch::Tensor hh,
                                             torch::Tensor gain_h, torch::Tensor gain_c,
-                                            c10::ScalarType da_dtype, c10::ScalarType dhh_dtype) {
+                                            c10::ScalarType da_dtype, c10::ScalarType dhh_dtype,
+                                            c10::optional<torch::Tensor> a,
+                                            c10::optional<torch::Tensor> gain_a) {
   dh = dh.contiguous();
   dc = dc.to(torch::kFloat).contiguous();
   hh = hh.contiguous();
@@ -179,18 +195,24 @@ std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
   auto da = torch::empty({rows, gates}, f32.dtype(da_dtype));
   auto dhh = torch::empty({rows, gates}, f32.dtype(dhh_dtype));
   auto dc_prev = torch::empty({rows, width}, f32);
+  const bool norm_a = gain_a.has_value();
+  TORCH_CHECK(norm_a == a.has_value(), "ln_lstm: a and gain_a go together");
+  torch::Tensor a_in = norm_a ? a->contiguous() : hh;
+  torch::Tensor ga = norm_a ? gain_a->to(torch::kFloat).contiguous() : gain_h;
   // the gains' gradients are sums over rows: one partial sum per thread, added up below
   const int64_t threads = at::get_num_threads();
-  auto partial = torch::zeros({threads, gates + 2 * width}, f32);
+  const int64_t sums_width = gates + 2 * width + (norm_a ? 2 * gates : 0);
+  auto partial = torch::zeros({threads, sums_width}, f32);
   const float* gh = gain_h.data_ptr<float>();
   const float* gc = gain_c.data_ptr<float>();
   at::parallel_for(0, rows, grain(rows), [&](int64_t begin, int64_t end) {
     std::vector<float> d_out(width), chat(width), dy(width), dct(width);
     std::vector<float> dgate(gates), xhat(gates), dyh(gates), dx(gates);
-    float* acc = partial.data_ptr<float>() + at::get_thread_num() * (gates + 2 * width);
+    float* acc = partial.data_ptr<float>() + at::get_thread_num() * sums_width;
     float *acc_gh = acc, *acc_gc = acc + gates, *acc_bc = acc + gates + width;
+    float *acc_ga = acc_bc + width, *acc_ba = acc_ga + gates;
     for (int64_t b = begin; b < end; ++b) {
-      const float* st = stats.data_ptr<float>() + 4 * b;
+      const float* st = stats.data_ptr<float>() + 6 * b;
       const float* s = act.data_ptr<float>() + b * gates;
       const float* t = tc.data_ptr<float>() + b * width;
       const float* cb = c.data_ptr<float>() + b * width;
@@ -218,7 +240,21 @@ std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
         dgate[2 * width + j] = d * i * (1.f - g * g);
         dcp[j] = d * f;
       }
-      store_row(dgate.data(), da, b);
+      if (norm_a) {  // through a = LN(x W_ih^T) * gain_a + bias_a to the input product
+        load_row(a_in, b, xhat.data());
+        const float ma = st[4], ra = st[5];
+        const float* g = ga.data_ptr<float>();
+        for (int64_t j = 0; j < gates; ++j) {
+          xhat[j] = (xhat[j] - ma) * ra;
+          acc_ga[j] += dgate[j] * xhat[j];
+          acc_ba[j] += dgate[j];
+          dyh[j] = dgate[j] * g[j];
+        }
+        ln_input_grad(dyh.data(), xhat.data(), ra, gates, dx.data());
+        store_row(dx.data(), da, b);
+      } else {
+        store_row(dgate.data(), da, b);
+      }
       // gates = a + LN(hh) gain_h: dA is also the gradient of LN(hh)'s output
       load_row(hh, b, xhat.data());
       const float mh = st[0], rh = st[1];
@@ -232,11 +268,24 @@ std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
     }
   });
   auto sums = partial.sum(0);
-  return {da, dc_prev, dhh, sums.slice(0, 0, gates), sums.slice(0, gates, gates + width),
-          sums.slice(0, gates + width, gates + 2 * width)};
+  std::vector<torch::Tensor> grads = {da, dc_prev, dhh, sums.slice(0, 0, gates),
+                                      sums.slice(0, gates, gates + width),
+                                      sums.slice(0, gates + width, gates + 2 * width)};
+  if (norm_a) {
+    const int64_t start = gates + 2 * width;
+    grads.push_back(sums.slice(0, start, start + gates));
+    grads.push_back(sums.slice(0, start + gates, start + 2 * gates));
+  }
+  return grads;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &ln_lstm_forward, "layer-normalised LSTM step, forward");
-  m.def("backward", &ln_lstm_backward, "layer-normalised LSTM step, backward");
+  m.def("forward", &ln_lstm_forward, "layer-normalised LSTM step, forward", py::arg("a"),
+        py::arg("hh"), py::arg("c_prev"), py::arg("gain_h"), py::arg("gain_c"), py::arg("bias_c"),
+        py::arg("out_dtype"), py::arg("gain_a") = py::none(), py::arg("bias_a") = py::none());
+  m.def("backward", &ln_lstm_backward, "layer-normalised LSTM step, backward", py::arg("dh"),
+        py::arg("dc"), py::arg("c_prev"), py::arg("c"), py::arg("act"), py::arg("tc"),
+        py::arg("stats"), py::arg("hh"), py::arg("gain_h"), py::arg("gain_c"),
+        py::arg("da_dtype"), py::arg("dhh_dtype"), py::arg("a") = py::none(),
+        py::arg("gain_a") = py::none());
 }
