@@ -156,9 +156,10 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
     # how the gate math of lstm_ln / lstm_peephole / lstm_cifg runs: `eager` (plain tensor
     # code), `compiled` (torch.compile, one generated kernel per step; needs a C++ compiler,
-    # ~15 s at every start) or `native` (lstm_ln only: one C++ kernel per step, built once per
-    # machine in about a minute and cached; needs a C++ compiler and ninja)
-    cell_kernels: Literal["eager", "compiled", "native"] = "eager"
+    # ~15 s at every start), `native` (lstm_ln only: one C++ kernel per step, built once per
+    # machine in about a minute and cached; needs a C++ compiler and ninja) or `auto` (native
+    # for lstm_ln where it builds, else eager)
+    cell_kernels: Literal["auto", "eager", "compiled", "native"] = "auto"
     compile_cells: bool = False  # older spelling of cell_kernels: compiled
     # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
     # only. k, or [lo, hi] to draw k from that range so one model serves every k (Elbayad et
@@ -391,7 +392,7 @@ def validate(cfg: Config) -> None:
     )
     kernels = cfg.train.cell_kernels
     _check(
-        kernels == "eager" or m.cell not in ("lstm", "gru"),
+        kernels in ("auto", "eager") or m.cell not in ("lstm", "gru"),
         f"train.cell_kernels={kernels} applies to the cells on our recurrence layer (lstm_ln, "
         f"lstm_peephole, lstm_cifg), not to model.cell={m.cell!r}, which runs on fused kernels",
     )

@@ -426,3 +426,22 @@ def test_tiny_model_on_the_native_kernel_learns_to_reverse_token_strings(native_
     losses = tm.train_toy(model, steps=150)
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert end < 0.3 * start, (start, end)
+
+
+def test_auto_kernels_use_the_native_kernel_or_fall_back_to_eager_with_a_warning(
+    native_kernels: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    from nmt.model import cells, ln_kernel
+
+    assert native_kernels("auto") == "native" and cells._native["lstm_ln"]
+
+    def no_compiler() -> None:
+        raise RuntimeError("train.cell_kernels: native needs a C++ compiler (test)")
+
+    monkeypatch.setattr(ln_kernel, "load", no_compiler)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
+        native_kernels("native")
+    assert native_kernels("auto") == "eager"
+    assert not cells._native["lstm_ln"]
+    assert cells._step_math["lstm_ln"] == cells._EAGER["lstm_ln"]
+    assert "plain tensor code" in caplog.text and "C++ compiler (test)" in caplog.text

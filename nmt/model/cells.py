@@ -28,6 +28,7 @@ with `sample_noise` and passes them to every step.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmt.model.dropout import keep_mask
+
+log = logging.getLogger(__name__)
 
 FUSED_CELLS = ("lstm", "gru")  # nn.LSTM / nn.GRU
 CUSTOM_CELLS = ("lstm_ln", "lstm_peephole", "lstm_cifg")  # RecurrentLayer
@@ -219,40 +222,55 @@ _compiled: dict[str, _StepMath] = {}
 _native = {"lstm_ln": False}  # lstm_ln's steps on the C++ kernel (`use_kernels("native")`)
 
 
-KERNELS = ("eager", "compiled", "native")
+KERNELS = ("auto", "eager", "compiled", "native")
 
 
-def use_kernels(kernels: str) -> None:
+def use_kernels(kernels: str) -> str:
     """Selects how the gate math runs: `eager` (plain tensor code), `compiled` (torch.compile,
-    one generated kernel per step and direction) or `native` (lstm_ln's gate math as one C++
+    one generated kernel per step and direction), `native` (lstm_ln's gate math as one C++
     kernel per step and direction, `nmt.model.ln_kernel`, built here if not yet; the other cells
-    stay eager). Raises RuntimeError where the native kernel cannot be built."""
+    stay eager) or `auto` (native where the kernel builds, else eager with a warning). Raises
+    RuntimeError where `native` cannot be built. Returns what was selected."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown cell kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+    if kernels == "auto":
+        try:
+            return use_kernels("native")
+        except RuntimeError as exc:
+            log.warning("lstm_ln runs on plain tensor code, slower: %s", exc)
+            return use_kernels("eager")
     if kernels == "compiled" and not _compiled:
         for kind, math_ in _EAGER.items():
             # default dynamic: the first batch size compiles static, a second one recompiles
             # with the batch dimension symbolic (token-bounded batches vary it), not once each
             _compiled[kind] = _StepMath(torch.compile(math_.fwd), torch.compile(math_.bwd))
+    native = _ln_native() if kernels == "native" else None  # built first: it may fail
     _step_math.update(_compiled if kernels == "compiled" else _EAGER)
-    _native["lstm_ln"] = kernels == "native"
-    if kernels == "native":
-        _step_math["lstm_ln"] = _ln_native()
+    _native["lstm_ln"] = native is not None
+    if native is not None:
+        _step_math["lstm_ln"] = native
+    return kernels
+
+
+def _on_kernel(cell: Tensor) -> bool:
+    """Whether a step whose cell state is `cell` runs on the C++ kernel (CPU, float32 cell
+    state: the gradient checks' float64 runs on plain tensor code)."""
+    return cell.device.type == "cpu" and cell.dtype == torch.float32
 
 
 def _ln_native() -> _StepMath:
     """lstm_ln's step functions on the C++ kernel for CPU tensors, on plain tensor code for
-    others (the kernel's forward keeps what its own backward needs; a step's device decides
-    both)."""
+    others (the kernel's forward keeps what its own backward needs; the cell state, the same
+    in both, decides)."""
     from nmt.model import ln_kernel
 
     ln_kernel.load()
 
     def fwd(a: Tensor, hh: Tensor, c_prev: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-        return (ln_kernel.fwd if a.device.type == "cpu" else _ln_fwd)(a, hh, c_prev, *rest)
+        return (ln_kernel.fwd if _on_kernel(c_prev) else _ln_fwd)(a, hh, c_prev, *rest)
 
     def bwd(dh: Tensor, dc: Tensor, c_prev: Tensor, c: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-        return (ln_kernel.bwd if c.device.type == "cpu" else _ln_bwd)(dh, dc, c_prev, c, *rest)
+        return (ln_kernel.bwd if _on_kernel(c) else _ln_bwd)(dh, dc, c_prev, c, *rest)
 
     return _StepMath(fwd, bwd)
 
@@ -460,7 +478,7 @@ def cell_step(
     """
     if input_ln is not None:
         assert kind == "lstm_ln" and hh is not None
-        if _native["lstm_ln"] and a.device.type == "cpu":
+        if _native["lstm_ln"] and _on_kernel(c_prev):
             if torch.is_grad_enabled():
                 return _NativeLnStep.apply(dtype, a, c_prev, hh, *extra, *input_ln)  # type: ignore[no-any-return]
             from nmt.model import ln_kernel
