@@ -5,7 +5,8 @@
 casts and the gains' gradients. It is built with PyTorch's C++ extension loader (a C++ compiler
 and ninja are needed, the first build takes about a minute and is kept in PyTorch's extension
 cache, `TORCH_EXTENSIONS_DIR`). CPU tensors only: `cells.use_kernels("native")` selects it
-for CPU steps and keeps the plain tensor code for others (`train.cell_kernels: native`).
+for CPU steps and keeps the plain tensor code for others (`train.cell_kernels: native`, and
+`auto`, the default, where it builds).
 """
 
 from __future__ import annotations
