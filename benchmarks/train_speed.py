@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     achieved = tokens_per_s * per_token / 1e9 if tokens_per_s else None
     peak = peaks[args.precision]
     print(json.dumps({
-        "config": str(args.config), "precision": args.precision, "minutes": args.minutes,
+        "config": str(args.config), "overrides": args.overrides, "precision": args.precision,
+        "minutes": args.minutes,
         "steps": result.step, "tgt_tokens_per_s": round(tokens_per_s) if tokens_per_s else None,
         "dev_bleu": round(valid[-1]["dev_bleu"], 2) if valid else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
