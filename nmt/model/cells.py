@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmt.model import ln_kernel
 from nmt.model.dropout import keep_mask
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,6 @@ def _ln_native() -> _StepMath:
     """lstm_ln's step functions on the C++ kernel for CPU tensors, on plain tensor code for
     others (the kernel's forward keeps what its own backward needs; the cell state, the same
     in both, decides)."""
-    from nmt.model import ln_kernel
-
     ln_kernel.load()
 
     def fwd(a: Tensor, hh: Tensor, c_prev: Tensor, *rest: Any) -> tuple[Tensor, ...]:
@@ -481,8 +480,6 @@ def cell_step(
         if _native["lstm_ln"] and _on_kernel(c_prev):
             if torch.is_grad_enabled():
                 return _NativeLnStep.apply(dtype, a, c_prev, hh, *extra, *input_ln)  # type: ignore[no-any-return]
-            from nmt.model import ln_kernel
-
             h, c, *_ = ln_kernel.load().forward(a, hh, c_prev, *extra, dtype, *input_ln)
             return h, c
         a = F.layer_norm(a.float(), a.shape[-1:], *input_ln, LN_EPS)  # mixed dtypes: CPU only
@@ -510,8 +507,6 @@ class _NativeLnStep(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, dtype: torch.dtype, proj: Tensor, c_prev: Tensor, hh: Tensor, *weights: Tensor
     ) -> tuple[Tensor, Tensor]:
-        from nmt.model import ln_kernel
-
         gain_h, gain_c, bias_c, gain_a, bias_a = weights
         h, c, act, tc, stats = ln_kernel.load().forward(
             proj, hh, c_prev, gain_h, gain_c, bias_c, dtype, gain_a, bias_a
@@ -524,8 +519,6 @@ class _NativeLnStep(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, dh: Tensor, dc: Tensor
     ) -> tuple[Tensor | None, ...]:
-        from nmt.model import ln_kernel
-
         c_prev, c, act, tc, stats, hh, proj, gain_h, gain_c, gain_a = ctx.saved_tensors
         proj_dtype, hh_dtype, weight_dtypes = ctx.dtypes
         d_proj, dc_prev, d_hh, *d_weights = ln_kernel.load().backward(
