@@ -10,7 +10,10 @@ logits and `label_smoothed_nll` is timed in the same alternation, and
 target steps (input feeding, Bahdanau, GNMT), the reference step loop with the unfused loss
 (the previous whole step) is timed too, and `train_speedup_over_reference_*` is old time / new
 time. The step with dropout masks from torch's per-element draws is timed too, and
-`train_speedup_bulk_dropout_*` is its time / the step's with `nmt.model.dropout`'s. Prints JSON; `--profile` adds a table of the bf16 step's top operators on stderr.
+`train_speedup_bulk_dropout_*` is its time / the step's with `nmt.model.dropout`'s. The step
+with the gate math and the loss's softmax on plain tensor code is timed too, and
+`train_speedup_native_kernels_*` is its time / the step's on the C++ kernels (`nmt.native`).
+Prints JSON; `--profile` adds a table of the bf16 step's top operators on stderr.
 
     python -m benchmarks.model_speed                      # bible-es-en, +input feeding, gnmt-8layer
     python -m benchmarks.model_speed --configs configs/luong.yaml --iters 3
@@ -107,15 +110,18 @@ def train_step_fn(
     fused: bool = True,
     block_rows: int = 1024,
     torch_dropout: bool = False,
+    kernels: str = "auto",
 ) -> Callable[[], None]:
     """Forward + loss + backward on the batch; `reference`: teacher forcing by the plain loop
     over the decoder's steps (`Decoder.reference_loop`) instead of its fastest path; `fused`:
     the output projection and the loss in blocks, else full logits and `label_smoothed_nll`;
     `torch_dropout`: dropout masks from torch's per-element draws, not `nmt.model.dropout`'s
-    bulk random bits."""
+    bulk random bits; `kernels`: `cells.use_kernels`' choice for this step (`native`: the C++
+    kernels of the gate math and the loss; `auto` where they build)."""
     inputs = (batch["src"], batch["src_lengths"], batch["src_mask"], batch["tgt_in"])
 
     def train_step() -> None:
+        use_kernels(kernels)
         nmt_dropout.BULK_BITS_ON_CPU = not torch_dropout
         model.decoder.reference_loop = reference
         model.train()
@@ -199,6 +205,12 @@ def run_case(
                 for p in args.precisions
             }
         )
+        fns.update(
+            {
+                f"{p}_eager_kernels": train_step_fn(model, batch, p, kernels="eager")
+                for p in args.precisions
+            }
+        )
     if compare:
         fns.update(
             {f"{p}_reference": train_step_fn(model, batch, p, True, False) for p in args.precisions}
@@ -215,6 +227,9 @@ def run_case(
             old = train[f"{p}_torch_dropout"]
             result[f"train_speedup_bulk_dropout_{p}"] = round(old[1] / new[1], 3)
             result[f"train_speedup_bulk_dropout_{p}_best"] = round(old[0] / new[0], 3)
+            old = train[f"{p}_eager_kernels"]
+            result[f"train_speedup_native_kernels_{p}"] = round(old[1] / new[1], 3)
+            result[f"train_speedup_native_kernels_{p}_best"] = round(old[0] / new[0], 3)
     if compare:
         for p in args.precisions:
             new, old = train[p], train[f"{p}_reference"]

@@ -154,11 +154,12 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1
     nan_policy: Literal["stop", "skip"] = "stop"
     num_threads: int = 0  # torch intra-op threads on CPU; 0: torch's default
-    # how the gate math of lstm_ln / lstm_peephole / lstm_cifg runs: `eager` (plain tensor
-    # code), `compiled` (torch.compile, one generated kernel per step; needs a C++ compiler,
-    # ~15 s at every start), `native` (lstm_ln only: one C++ kernel per step, built once per
-    # machine in about a minute and cached; needs a C++ compiler and ninja) or `auto` (native
-    # for lstm_ln where it builds, else eager)
+    # how the gate math and the loss's softmax run on the CPU: `eager` (plain tensor code),
+    # `compiled` (lstm_ln / lstm_peephole / lstm_cifg only: torch.compile, one generated kernel
+    # per step; needs a C++ compiler, ~15 s at every start), `native` (C++ kernels, built once
+    # per machine in about a minute and cached, needing a C++ compiler and ninja: one per step
+    # for the gate math of lstm_ln, and of lstm in the input-feeding decoder, and one per block
+    # for the loss's softmax) or `auto` (native on a CPU where they build, else eager)
     cell_kernels: Literal["auto", "eager", "compiled", "native"] = "auto"
     compile_cells: bool = False  # older spelling of cell_kernels: compiled
     # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
@@ -392,14 +393,9 @@ def validate(cfg: Config) -> None:
     )
     kernels = cfg.train.cell_kernels
     _check(
-        kernels in ("auto", "eager") or m.cell not in ("lstm", "gru"),
+        kernels != "compiled" or m.cell not in ("lstm", "gru"),
         f"train.cell_kernels={kernels} applies to the cells on our recurrence layer (lstm_ln, "
         f"lstm_peephole, lstm_cifg), not to model.cell={m.cell!r}, which runs on fused kernels",
-    )
-    _check(
-        kernels != "native" or m.cell == "lstm_ln",
-        f"train.cell_kernels=native has a kernel for model.cell=lstm_ln only, not "
-        f"{m.cell!r}: use eager or compiled",
     )
     _check(
         not cfg.train.compile_cells or kernels != "native",

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nmt import native
+
 
 class _SmoothedNLL(torch.autograd.Function):
     """Per-token smoothed loss with a hand-written gradient.
@@ -131,20 +133,31 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
             )
             nll = h.new_zeros((), dtype=torch.float32)
             lse = h.new_zeros((), dtype=torch.float32)
+            on_kernel = native.active(h)  # the C++ kernel for the softmax pass (`nmt.native`)
+            grad_p: Tensor | None = None
             for start in range(0, n, block_rows):
                 h_blk = h_aug[start : start + block_rows]  # (n_blk, width)
                 t_blk = target[start : start + block_rows].unsqueeze(1)  # (n_blk, 1)
                 logits = h_blk @ w_aug.t()  # (n_blk, V), compute dtype, bias included
-                log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n_blk, V)
-                log_p_y = log_probs.gather(1, t_blk)  # (n_blk, 1)
-                nll -= log_p_y.sum()
-                if smoothing:
-                    lse += (logits.gather(1, t_blk).float() - log_p_y).sum()
-                if grad_h is None and grad_wb is None:
+                need_grad = grad_h is not None or grad_wb is not None
+                if on_kernel:  # one pass: lse, x_y and P = p - (1 - eps) onehot(y)
+                    row_lse, logit_y, grad_p = native.smoothed_nll(
+                        logits, t_blk.squeeze(1), smoothing, compute_dtype if need_grad else None
+                    )
+                    nll += (row_lse - logit_y).sum()
+                    lse += row_lse.sum()
+                else:
+                    log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+                    log_p_y = log_probs.gather(1, t_blk)  # (n_blk, 1)
+                    nll -= log_p_y.sum()
+                    if smoothing:
+                        lse += (logits.gather(1, t_blk).float() - log_p_y).sum()
+                    if need_grad:
+                        probs = log_probs.exp_()  # P = p - (1 - eps) onehot(y), in place
+                        probs.scatter_add_(1, t_blk, probs.new_full(t_blk.shape, smoothing - 1.0))
+                        grad_p = probs.to(compute_dtype)
+                if grad_p is None:
                     continue
-                probs = log_probs.exp_()  # P = p - (1 - eps) onehot(y), in place
-                probs.scatter_add_(1, t_blk, probs.new_full(t_blk.shape, smoothing - 1.0))
-                grad_p = probs.to(compute_dtype)
                 if grad_h is not None:
                     torch.mm(grad_p, w, out=grad_h[start : start + block_rows])
                 if grad_wb is None:

@@ -42,7 +42,7 @@ from nmt.data import (
 from nmt.ema import WeightEMA
 from nmt.loss import fused_linear_smoothed_nll, label_smoothed_nll
 from nmt.model import Seq2Seq, build_model, count_parameters
-from nmt.model.cells import CUSTOM_CELLS, use_kernels
+from nmt.model.cells import use_kernels
 from nmt.schedule import BUDGET_SCHEDULES, learning_rate, warmup_done
 from nmt.tokenizer import Tokenizer
 from nmt.train_report import model_card, plot_curves
@@ -253,11 +253,10 @@ class Trainer:
         if self.tc.num_threads > 0:
             torch.set_num_threads(self.tc.num_threads)
         kernels = "compiled" if self.tc.compile_cells else self.tc.cell_kernels
-        if kernels == "auto" and (self.cfg.model.cell != "lstm_ln" or self.device.type != "cpu"):
-            kernels = "eager"  # the native kernel is lstm_ln's, on the CPU: nothing to build
+        if kernels == "auto" and self.device.type != "cpu":
+            kernels = "eager"  # the native kernels are CPU ones: nothing to build
         chosen = use_kernels(kernels)
-        if self.cfg.model.cell in CUSTOM_CELLS:
-            logger.info("%s gate math: %s", self.cfg.model.cell, chosen)
+        logger.info("%s gate math and the loss: %s kernels", self.cfg.model.cell, chosen)
         self.precision = choose_precision(self.tc.precision, self.device)
         self.show_progress = progress and self.info.is_main
         torch.manual_seed(self.tc.seed)

@@ -320,7 +320,6 @@ def test_compiled_gate_math_gives_the_eager_results():
 @pytest.mark.parametrize(
     ("train", "field"),
     [
-        ({"cell_kernels": "native"}, "train.cell_kernels=native"),
         ({"cell_kernels": "compiled"}, "train.cell_kernels=compiled"),
         ({"cell_kernels": "fast"}, "train.cell_kernels"),
     ],
@@ -328,8 +327,6 @@ def test_compiled_gate_math_gives_the_eager_results():
 def test_cell_kernels_that_cannot_apply_are_refused(train: dict[str, Any], field: str):
     with pytest.raises(ConfigError, match=field):
         config_from_dict({"model": {"cell": "lstm"}, "train": train})
-    with pytest.raises(ConfigError, match="lstm_ln only"):
-        config_from_dict({"model": {"cell": "lstm_cifg"}, "train": {"cell_kernels": "native"}})
     with pytest.raises(ConfigError, match="contradict"):
         config_from_dict(
             {
@@ -337,13 +334,14 @@ def test_cell_kernels_that_cannot_apply_are_refused(train: dict[str, Any], field
                 "train": {"cell_kernels": "native", "compile_cells": True},
             }
         )
-    cfg = config_from_dict({"model": {"cell": "lstm_ln"}, "train": {"cell_kernels": "native"}})
-    assert cfg.train.cell_kernels == "native"
+    for cell in ("lstm_ln", "lstm", "gru", "lstm_cifg"):  # the loss's kernel serves them all
+        cfg = config_from_dict({"model": {"cell": cell}, "train": {"cell_kernels": "native"}})
+        assert cfg.train.cell_kernels == "native"
 
 
 @pytest.fixture
 def native_kernels() -> Any:
-    """lstm_ln's C++ kernel selected for the test, eager again after it."""
+    """The C++ kernels (`nmt.native`) selected for the test, eager again after it."""
     from nmt.model.cells import use_kernels
 
     use_kernels("native")
@@ -365,7 +363,8 @@ def test_native_step_gives_the_plain_step_functions_results(
 ):
     """The C++ step, forward and backward, against `_ln_fwd` / `_ln_bwd` on the same inputs:
     every output in its dtype, equal to float32 rounding (or the low-precision dtype's)."""
-    from nmt.model import cells, ln_kernel
+    from nmt import native
+    from nmt.model import cells
 
     gen = torch.Generator().manual_seed(3)
     rows, width = 5, 24  # widths that are not a multiple of any vector length: 96 and 24
@@ -377,16 +376,14 @@ def test_native_step_gives_the_plain_step_functions_results(
     c_prev = rand(rows, width)
     weights = [rand(4 * width).abs() + 0.5, rand(width).abs() + 0.5, rand(width, scale=0.1)]
     plain = cells._ln_fwd(a, hh, c_prev, *weights, hh_dtype)
-    native = ln_kernel.fwd(a, hh, c_prev, *weights, hh_dtype)
+    out = native.ln_fwd(a, hh, c_prev, *weights, hh_dtype)
     tol = {"atol": 1e-5, "rtol": 1e-5} if hh_dtype == torch.float32 else {}
-    for mine, theirs in zip(native[:2], plain[:2], strict=True):
+    for mine, theirs in zip(out[:2], plain[:2], strict=True):
         assert mine.dtype == theirs.dtype
         torch.testing.assert_close(mine, theirs, **tol)
     dh, dc = rand(rows, width).to(hh_dtype), rand(rows, width)
     grads_plain = cells._ln_bwd(dh, dc, c_prev, plain[1], *plain[2:], *weights, a_dtype, hh_dtype)
-    grads_native = ln_kernel.bwd(
-        dh, dc, c_prev, native[1], *native[2:], *weights, a_dtype, hh_dtype
-    )
+    grads_native = native.ln_bwd(dh, dc, c_prev, out[1], *out[2:], *weights, a_dtype, hh_dtype)
     assert len(grads_native) == len(grads_plain) == 6
     for mine, theirs in zip(grads_native, grads_plain, strict=True):
         assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
@@ -431,17 +428,18 @@ def test_tiny_model_on_the_native_kernel_learns_to_reverse_token_strings(native_
 def test_auto_kernels_use_the_native_kernel_or_fall_back_to_eager_with_a_warning(
     native_kernels: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    from nmt.model import cells, ln_kernel
+    from nmt import native
+    from nmt.model import cells
 
-    assert native_kernels("auto") == "native" and cells._native["lstm_ln"]
+    assert native_kernels("auto") == "native" and native.active(torch.zeros(1))
 
     def no_compiler() -> None:
         raise RuntimeError("train.cell_kernels: native needs a C++ compiler (test)")
 
-    monkeypatch.setattr(ln_kernel, "load", no_compiler)
+    monkeypatch.setattr(native, "load", no_compiler)
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler"):
         native_kernels("native")
     assert native_kernels("auto") == "eager"
-    assert not cells._native["lstm_ln"]
+    assert not native.active(torch.zeros(1))
     assert cells._step_math["lstm_ln"] == cells._EAGER["lstm_ln"]
     assert "plain tensor code" in caplog.text and "C++ compiler (test)" in caplog.text

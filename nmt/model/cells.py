@@ -17,8 +17,9 @@ Where the speed comes from:
   its own products (the input-feeding decoder, `nmt.model.input_feeding`).
 - The pointwise step functions are plain tensor code; `use_kernels("compiled")` swaps in
   torch.compile'd versions (one generated kernel per step and direction), `use_kernels("native")`
-  lstm_ln's C++ kernel (`nmt.model.ln_kernel`: both layer norms, the gate math and the casts in
-  one pass per step). benchmarks/cells_speed.py measures all three (see BENCHMARKS.md).
+  C++ kernels for lstm_ln's and the plain LSTM's (`nmt.native`: for lstm_ln both layer norms, the
+  gate math and the casts in one pass per step). benchmarks/cells_speed.py measures all three
+  (see BENCHMARKS.md).
 
 Regularisation (training only): `dropout_recurrent` multiplies h_{t-1} in the recurrent product
 by one mask per sequence (Gal & Ghahramani, 2016); `weight_drop` drops entries of W_hh once per
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nmt.model import ln_kernel
+from nmt import native
 from nmt.model.dropout import keep_mask
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,6 @@ _EAGER = {
 }
 _step_math: dict[str, _StepMath] = dict(_EAGER)
 _compiled: dict[str, _StepMath] = {}
-_native = {"lstm_ln": False}  # lstm_ln's steps on the C++ kernel (`use_kernels("native")`)
 
 
 KERNELS = ("auto", "eager", "compiled", "native")
@@ -228,10 +228,11 @@ KERNELS = ("auto", "eager", "compiled", "native")
 
 def use_kernels(kernels: str) -> str:
     """Selects how the gate math runs: `eager` (plain tensor code), `compiled` (torch.compile,
-    one generated kernel per step and direction), `native` (lstm_ln's gate math as one C++
-    kernel per step and direction, `nmt.model.ln_kernel`, built here if not yet; the other cells
-    stay eager) or `auto` (native where the kernel builds, else eager with a warning). Raises
-    RuntimeError where `native` cannot be built. Returns what was selected."""
+    one generated kernel per step and direction), `native` (the C++ kernels of `nmt.native`,
+    built here if not yet: lstm_ln's and the plain LSTM's gate math as one kernel per step, and
+    the loss's softmax; peephole and CIFG stay eager) or `auto` (native where the kernels build,
+    else eager with a warning). Raises RuntimeError where `native` cannot be built. Returns
+    what was selected."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown cell kernels {kernels!r}; choose from {', '.join(KERNELS)}")
     if kernels == "auto":
@@ -245,11 +246,10 @@ def use_kernels(kernels: str) -> str:
             # default dynamic: the first batch size compiles static, a second one recompiles
             # with the batch dimension symbolic (token-bounded batches vary it), not once each
             _compiled[kind] = _StepMath(torch.compile(math_.fwd), torch.compile(math_.bwd))
-    native = _ln_native() if kernels == "native" else None  # built first: it may fail
+    native.use(kernels == "native")  # built first: it may fail
     _step_math.update(_compiled if kernels == "compiled" else _EAGER)
-    _native["lstm_ln"] = native is not None
-    if native is not None:
-        _step_math["lstm_ln"] = native
+    if kernels == "native":
+        _step_math.update(_NATIVE)
     return kernels
 
 
@@ -259,19 +259,37 @@ def _on_kernel(cell: Tensor) -> bool:
     return cell.device.type == "cpu" and cell.dtype == torch.float32
 
 
-def _ln_native() -> _StepMath:
-    """lstm_ln's step functions on the C++ kernel for CPU tensors, on plain tensor code for
-    others (the kernel's forward keeps what its own backward needs; the cell state, the same
-    in both, decides)."""
-    ln_kernel.load()
+def _ln_native_fwd(a: Tensor, hh: Tensor, c_prev: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+    return (native.ln_fwd if _on_kernel(c_prev) else _ln_fwd)(a, hh, c_prev, *rest)
 
-    def fwd(a: Tensor, hh: Tensor, c_prev: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-        return (ln_kernel.fwd if _on_kernel(c_prev) else _ln_fwd)(a, hh, c_prev, *rest)
 
-    def bwd(dh: Tensor, dc: Tensor, c_prev: Tensor, c: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-        return (ln_kernel.bwd if _on_kernel(c) else _ln_bwd)(dh, dc, c_prev, c, *rest)
+def _ln_native_bwd(
+    dh: Tensor, dc: Tensor, c_prev: Tensor, c: Tensor, *rest: Any
+) -> tuple[Tensor, ...]:
+    return (native.ln_bwd if _on_kernel(c) else _ln_bwd)(dh, dc, c_prev, c, *rest)
 
-    return _StepMath(fwd, bwd)
+
+def _lstm_native_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
+    if not _on_kernel(c_prev):
+        return _lstm_fwd(a, c_prev)
+    return native.lstm_fwd(a, c_prev, a.dtype)
+
+
+def _lstm_native_bwd(
+    dh: Tensor, dc: Tensor, c_prev: Tensor, *rest: Tensor
+) -> tuple[Tensor, Tensor]:
+    if len(rest) == 3:  # the plain forward's (s, g, tc)
+        return _lstm_bwd(dh, dc, c_prev, *rest)
+    act, tc = rest
+    return native.lstm_bwd(dh, dc, c_prev, act, tc, torch.float32)
+
+
+# lstm_ln's and the LSTM's steps on the C++ kernels for CPU tensors, on plain tensor code for
+# others (a forward keeps what its own backward needs; the cell state, the same in both, decides)
+_NATIVE = {
+    "lstm": _StepMath(_lstm_native_fwd, _lstm_native_bwd),
+    "lstm_ln": _StepMath(_ln_native_fwd, _ln_native_bwd),
+}
 
 
 # -- the whole sequence as one autograd node ------------------------------------------------
@@ -477,10 +495,10 @@ def cell_step(
     """
     if input_ln is not None:
         assert kind == "lstm_ln" and hh is not None
-        if _native["lstm_ln"] and _on_kernel(c_prev):
+        if native.active(c_prev) and _on_kernel(c_prev):
             if torch.is_grad_enabled():
                 return _NativeLnStep.apply(dtype, a, c_prev, hh, *extra, *input_ln)  # type: ignore[no-any-return]
-            h, c, *_ = ln_kernel.load().forward(a, hh, c_prev, *extra, dtype, *input_ln)
+            h, c, *_ = native.load().ln_lstm_forward(a, hh, c_prev, *extra, dtype, *input_ln)
             return h, c
         a = F.layer_norm(a.float(), a.shape[-1:], *input_ln, LN_EPS)  # mixed dtypes: CPU only
     if torch.is_grad_enabled():
@@ -493,6 +511,41 @@ def cell_step(
         return h, c
     h, c, *_ = fwd(a.float(), c_prev, *extra32)
     return h.to(dtype), c
+
+
+def lstm_step(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """nn.LSTM's gate math (order i, f, g, o) of one step in fp32, for a loop that runs the
+    products of the steps itself (`nmt.model.input_feeding`): on CPU bf16 sigmoid and tanh run
+    several times slower than fp32 ones, and fp32 costs nothing on GPUs.
+
+    gates: (B, 4H) any float dtype; c_prev: (B, H) fp32. Returns h (B, H) in gates' dtype and
+    c (B, H) fp32. Under `use_kernels("native")` on the CPU one C++ kernel forward and one
+    backward (one autograd node); elsewhere plain tensor code that autograd follows.
+    """
+    if native.active(c_prev) and _on_kernel(c_prev):
+        if torch.is_grad_enabled():
+            return _NativeLstmStep.apply(gates, c_prev)  # type: ignore[no-any-return]
+        h, c, *_ = native.lstm_fwd(gates, c_prev, gates.dtype)
+        return h, c
+    in_gate, forget, cell_in, out_gate = gates.float().chunk(4, dim=1)
+    c = torch.sigmoid(forget) * c_prev + torch.sigmoid(in_gate) * torch.tanh(cell_in)
+    return (torch.sigmoid(out_gate) * torch.tanh(c)).to(gates.dtype), c
+
+
+class _NativeLstmStep(torch.autograd.Function):
+    """`lstm_step` on the C++ kernel: gates (B, 4H), c_prev (B, H) fp32 -> h, c."""
+
+    @staticmethod
+    def forward(ctx: Any, gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        h, c, act, tc = native.lstm_fwd(gates, c_prev, gates.dtype)
+        ctx.save_for_backward(c_prev, act, tc)
+        ctx.gates_dtype = gates.dtype
+        return h, c
+
+    @staticmethod
+    def backward(ctx: Any, dh: Tensor, dc: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        c_prev, act, tc = ctx.saved_tensors
+        return native.lstm_bwd(dh, dc, c_prev, act, tc, ctx.gates_dtype)
 
 
 class _NativeLnStep(torch.autograd.Function):
@@ -508,7 +561,7 @@ class _NativeLnStep(torch.autograd.Function):
         ctx: Any, dtype: torch.dtype, proj: Tensor, c_prev: Tensor, hh: Tensor, *weights: Tensor
     ) -> tuple[Tensor, Tensor]:
         gain_h, gain_c, bias_c, gain_a, bias_a = weights
-        h, c, act, tc, stats = ln_kernel.load().forward(
+        h, c, act, tc, stats = native.load().ln_lstm_forward(
             proj, hh, c_prev, gain_h, gain_c, bias_c, dtype, gain_a, bias_a
         )
         ctx.save_for_backward(c_prev, c, act, tc, stats, hh, proj, gain_h, gain_c, gain_a)
@@ -521,7 +574,7 @@ class _NativeLnStep(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         c_prev, c, act, tc, stats, hh, proj, gain_h, gain_c, gain_a = ctx.saved_tensors
         proj_dtype, hh_dtype, weight_dtypes = ctx.dtypes
-        d_proj, dc_prev, d_hh, *d_weights = ln_kernel.load().backward(
+        d_proj, dc_prev, d_hh, *d_weights = native.load().ln_lstm_backward(
             dh, dc, c_prev, c, act, tc, stats, hh, gain_h, gain_c, proj_dtype, hh_dtype, proj,
             gain_a,
         )  # fmt: skip

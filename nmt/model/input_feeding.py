@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from nmt.model.attention import EncoderMemory
-from nmt.model.cells import RecurrentLayer, RecurrentNoise, cell_step
+from nmt.model.cells import RecurrentLayer, RecurrentNoise, cell_step, lstm_step
 
 
 class _LoopProducts(torch.autograd.Function):
@@ -99,16 +99,6 @@ class _Products(NamedTuple):
         ).squeeze(1)
 
 
-def _lstm_pointwise(gates: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
-    """nn.LSTM's gate math in fp32 (gate order i, f, g, o): on CPU bf16 sigmoid and tanh run
-    several times slower than fp32 ones, and fp32 costs nothing on GPUs.
-    gates: (B, 4H) any float dtype; cell: (B, H) fp32. Returns h (B, H) in gates' dtype and
-    c (B, H) fp32."""
-    in_gate, forget, cell_in, out_gate = gates.float().chunk(4, dim=1)
-    c = torch.sigmoid(forget) * cell + torch.sigmoid(in_gate) * torch.tanh(cell_in)
-    return (torch.sigmoid(out_gate) * torch.tanh(c)).to(gates.dtype), c
-
-
 def _gru_pointwise(gi: Tensor, gh: Tensor, hidden: Tensor) -> Tensor:
     """nn.GRU's gate math in fp32 (gate order r, z, n): r and z from gi + gh,
     n = tanh(gi_n + r * gh_n), h' = (1 - z) * n + z * h.
@@ -149,8 +139,9 @@ class _Layer:
     - nn.GRU: the n gate reads r * (W_hn h + b_hn), so x W_ih^T + b_ih and h W_hh^T + b_hh
       are two products.
 
-    The gate math runs in fp32: nn.LSTM's and nn.GRU's here, our cells' as `cell_step` (their
-    step functions and hand-written backward). Recurrent dropout multiplies h_{t-1} in the
+    The gate math runs in fp32: nn.GRU's here, nn.LSTM's as `lstm_step` (on the C++ kernel under
+    `use_kernels("native")`), our cells' as `cell_step` (their step functions and hand-written
+    backward). Recurrent dropout multiplies h_{t-1} in the
     recurrent product and weight drop W_hh, with the batch's masks, as the layer's loop does.
     """
 
@@ -210,7 +201,7 @@ class _Layer:
             return cell_step(self.kind, self.dtype, proj, cell, hh, self.extra, self.ln_input)
         gates = self.inputs.shared(t, torch.cat([x, h_rec], dim=1))
         if self.kind == "nn.lstm":
-            return _lstm_pointwise(gates, cell)
+            return lstm_step(gates, cell)
         return cell_step(self.kind, self.dtype, gates, cell, None, self.extra)
 
 

@@ -12,66 +12,14 @@
 // instead of some thirty kernels per step. Rows run in parallel; inputs and outputs may be
 // float32, bfloat16 or float16, the math is float32.
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-
 #include <cmath>
 #include <vector>
+
+#include "rows.h"
 
 namespace {
 
 constexpr float kEps = 1e-5f;
-
-// Copies row `row` of a contiguous 2-D tensor into `dst` as floats.
-void load_row(const torch::Tensor& t, int64_t row, float* dst) {
-  const int64_t n = t.size(1);
-  switch (t.scalar_type()) {
-    case torch::kFloat: {
-      const float* src = t.data_ptr<float>() + row * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
-      break;
-    }
-    case torch::kBFloat16: {
-      const at::BFloat16* src = t.data_ptr<at::BFloat16>() + row * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-      break;
-    }
-    case torch::kHalf: {
-      const at::Half* src = t.data_ptr<at::Half>() + row * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "ln_lstm: unsupported dtype ", t.scalar_type());
-  }
-}
-
-// Writes `src` (n floats) to row `row` of a contiguous 2-D tensor, rounding to its dtype.
-void store_row(const float* src, torch::Tensor& t, int64_t row) {
-  const int64_t n = t.size(1);
-  switch (t.scalar_type()) {
-    case torch::kFloat: {
-      float* dst = t.data_ptr<float>() + row * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
-      break;
-    }
-    case torch::kBFloat16: {
-      at::BFloat16* dst = t.data_ptr<at::BFloat16>() + row * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::BFloat16>(src[j]);
-      break;
-    }
-    case torch::kHalf: {
-      at::Half* dst = t.data_ptr<at::Half>() + row * n;
-      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<at::Half>(src[j]);
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "ln_lstm: unsupported dtype ", t.scalar_type());
-  }
-}
-
-inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 // Mean and 1 / sqrt(variance + eps) of n floats (two passes, as PyTorch's layer norm).
 void row_stats(const float* x, int64_t n, float* mean, float* rstd) {
@@ -99,40 +47,37 @@ void ln_input_grad(const float* dy, const float* xhat, float rstd, int64_t n, fl
   for (int64_t j = 0; j < n; ++j) dx[j] = rstd * (dy[j] - m1 - xhat[j] * m2);
 }
 
-int64_t grain(int64_t rows) {
-  // enough rows per task that a task is worth starting, all threads busy on large batches
-  return std::max<int64_t>(1, rows / std::max(1, at::get_num_threads()));
-}
-
 }  // namespace
+
+namespace nmt_native {
 
 // Returns h (B, H) in out_dtype, c (B, H) float32, and for the backward: act (B, 4H) the gate
 // activations (sigmoid for i, f, o; tanh for g), tc (B, H) = tanh(LN(c)), stats (B, 6) = mean
 // and rstd of hh, of c and of a (where a is normalised here: gain_a and bias_a given).
-std::vector<torch::Tensor> ln_lstm_forward(torch::Tensor a, torch::Tensor hh, torch::Tensor c_prev,
-                                           torch::Tensor gain_h, torch::Tensor gain_c,
-                                           torch::Tensor bias_c, c10::ScalarType out_dtype,
-                                           c10::optional<torch::Tensor> gain_a,
-                                           c10::optional<torch::Tensor> bias_a) {
+std::vector<at::Tensor> ln_lstm_forward(at::Tensor a, at::Tensor hh, at::Tensor c_prev,
+                                           at::Tensor gain_h, at::Tensor gain_c,
+                                           at::Tensor bias_c, c10::ScalarType out_dtype,
+                                           c10::optional<at::Tensor> gain_a,
+                                           c10::optional<at::Tensor> bias_a) {
   a = a.contiguous();
   hh = hh.contiguous();
-  c_prev = c_prev.to(torch::kFloat).contiguous();
-  gain_h = gain_h.to(torch::kFloat).contiguous();
-  gain_c = gain_c.to(torch::kFloat).contiguous();
-  bias_c = bias_c.to(torch::kFloat).contiguous();
+  c_prev = c_prev.to(at::kFloat).contiguous();
+  gain_h = gain_h.to(at::kFloat).contiguous();
+  gain_c = gain_c.to(at::kFloat).contiguous();
+  bias_c = bias_c.to(at::kFloat).contiguous();
   const int64_t rows = c_prev.size(0), width = c_prev.size(1), gates = 4 * width;
   TORCH_CHECK(a.size(0) == rows && a.size(1) == gates && hh.sizes() == a.sizes(),
               "ln_lstm: a and hh must be (B, 4H) for c_prev (B, H)");
   auto f32 = c_prev.options();
-  auto h = torch::empty({rows, width}, f32.dtype(out_dtype));
-  auto c = torch::empty({rows, width}, f32);
-  auto act = torch::empty({rows, gates}, f32);
-  auto tc = torch::empty({rows, width}, f32);
-  auto stats = torch::zeros({rows, 6}, f32);
+  auto h = at::empty({rows, width}, f32.dtype(out_dtype));
+  auto c = at::empty({rows, width}, f32);
+  auto act = at::empty({rows, gates}, f32);
+  auto tc = at::empty({rows, width}, f32);
+  auto stats = at::zeros({rows, 6}, f32);
   const bool norm_a = gain_a.has_value();
   TORCH_CHECK(norm_a == bias_a.has_value(), "ln_lstm: gain_a and bias_a go together");
-  torch::Tensor ga = norm_a ? gain_a->to(torch::kFloat).contiguous() : gain_h;
-  torch::Tensor ba = norm_a ? bias_a->to(torch::kFloat).contiguous() : gain_h;
+  at::Tensor ga = norm_a ? gain_a->to(at::kFloat).contiguous() : gain_h;
+  at::Tensor ba = norm_a ? bias_a->to(at::kFloat).contiguous() : gain_h;
   const float* gh = gain_h.data_ptr<float>();
   const float* gc = gain_c.data_ptr<float>();
   const float* bc = bias_c.data_ptr<float>();
@@ -177,32 +122,32 @@ std::vector<torch::Tensor> ln_lstm_forward(torch::Tensor a, torch::Tensor hh, to
 // normalised in the forward, given here with gain_a), dc_{t-1} (B, H) float32, d(hh) (B, 4H) in
 // dhh_dtype, and the step's gradients of gain_h (4H), gain_c (H) and bias_c (H), float32, then
 // of gain_a and bias_a (4H each) where a was normalised.
-std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
-                                            torch::Tensor c_prev, torch::Tensor c,
-                                            torch::Tensor act, torch::Tensor tc,
-                                            torch::Tensor stats, torch::Tensor hh,
-                                            torch::Tensor gain_h, torch::Tensor gain_c,
+std::vector<at::Tensor> ln_lstm_backward(at::Tensor dh, at::Tensor dc,
+                                            at::Tensor c_prev, at::Tensor c,
+                                            at::Tensor act, at::Tensor tc,
+                                            at::Tensor stats, at::Tensor hh,
+                                            at::Tensor gain_h, at::Tensor gain_c,
                                             c10::ScalarType da_dtype, c10::ScalarType dhh_dtype,
-                                            c10::optional<torch::Tensor> a,
-                                            c10::optional<torch::Tensor> gain_a) {
+                                            c10::optional<at::Tensor> a,
+                                            c10::optional<at::Tensor> gain_a) {
   dh = dh.contiguous();
-  dc = dc.to(torch::kFloat).contiguous();
+  dc = dc.to(at::kFloat).contiguous();
   hh = hh.contiguous();
-  gain_h = gain_h.to(torch::kFloat).contiguous();
-  gain_c = gain_c.to(torch::kFloat).contiguous();
+  gain_h = gain_h.to(at::kFloat).contiguous();
+  gain_c = gain_c.to(at::kFloat).contiguous();
   const int64_t rows = c.size(0), width = c.size(1), gates = 4 * width;
   auto f32 = c.options();
-  auto da = torch::empty({rows, gates}, f32.dtype(da_dtype));
-  auto dhh = torch::empty({rows, gates}, f32.dtype(dhh_dtype));
-  auto dc_prev = torch::empty({rows, width}, f32);
+  auto da = at::empty({rows, gates}, f32.dtype(da_dtype));
+  auto dhh = at::empty({rows, gates}, f32.dtype(dhh_dtype));
+  auto dc_prev = at::empty({rows, width}, f32);
   const bool norm_a = gain_a.has_value();
   TORCH_CHECK(norm_a == a.has_value(), "ln_lstm: a and gain_a go together");
-  torch::Tensor a_in = norm_a ? a->contiguous() : hh;
-  torch::Tensor ga = norm_a ? gain_a->to(torch::kFloat).contiguous() : gain_h;
+  at::Tensor a_in = norm_a ? a->contiguous() : hh;
+  at::Tensor ga = norm_a ? gain_a->to(at::kFloat).contiguous() : gain_h;
   // the gains' gradients are sums over rows: one partial sum per thread, added up below
   const int64_t threads = at::get_num_threads();
   const int64_t sums_width = gates + 2 * width + (norm_a ? 2 * gates : 0);
-  auto partial = torch::zeros({threads, sums_width}, f32);
+  auto partial = at::zeros({threads, sums_width}, f32);
   const float* gh = gain_h.data_ptr<float>();
   const float* gc = gain_c.data_ptr<float>();
   at::parallel_for(0, rows, grain(rows), [&](int64_t begin, int64_t end) {
@@ -268,7 +213,7 @@ std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
     }
   });
   auto sums = partial.sum(0);
-  std::vector<torch::Tensor> grads = {da, dc_prev, dhh, sums.slice(0, 0, gates),
+  std::vector<at::Tensor> grads = {da, dc_prev, dhh, sums.slice(0, 0, gates),
                                       sums.slice(0, gates, gates + width),
                                       sums.slice(0, gates + width, gates + 2 * width)};
   if (norm_a) {
@@ -279,13 +224,4 @@ std::vector<torch::Tensor> ln_lstm_backward(torch::Tensor dh, torch::Tensor dc,
   return grads;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &ln_lstm_forward, "layer-normalised LSTM step, forward", py::arg("a"),
-        py::arg("hh"), py::arg("c_prev"), py::arg("gain_h"), py::arg("gain_c"), py::arg("bias_c"),
-        py::arg("out_dtype"), py::arg("gain_a") = py::none(), py::arg("bias_a") = py::none());
-  m.def("backward", &ln_lstm_backward, "layer-normalised LSTM step, backward", py::arg("dh"),
-        py::arg("dc"), py::arg("c_prev"), py::arg("c"), py::arg("act"), py::arg("tc"),
-        py::arg("stats"), py::arg("hh"), py::arg("gain_h"), py::arg("gain_c"),
-        py::arg("da_dtype"), py::arg("dhh_dtype"), py::arg("a") = py::none(),
-        py::arg("gain_a") = py::none());
-}
+}  // namespace nmt_native
