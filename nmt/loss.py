@@ -88,6 +88,9 @@ def _with_bias_column(x: Tensor, column: Tensor | float | None, width: int) -> T
     return out
 
 
+WHOLE_GRAD_BYTES = 256 * 2**20  # P of every row kept for one dW product up to this size
+
+
 class _FusedLinearSmoothedNLL(torch.autograd.Function):
     """Output projection and smoothed loss over row blocks, with the gradients made in forward.
 
@@ -103,6 +106,12 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
     rank one, G W = P W - (eps / V) sum_v W_v and G^T h = P^T h - (eps / V) sum_n h_n, so
     only P is formed; and the smoothing term sum_v log p_v = sum_v x_v - V lse(x) needs only
     lse(x) = x_y - log p_y per row and the sum of all logits, (sum_n h_n) . (sum_v W_v).
+
+    Where P of all rows fits in `WHOLE_GRAD_BYTES` (in the compute dtype: half the size of the
+    fp32 logits in bf16), the blocks write it into one (N, V) tensor and dh = P W and
+    dW = P^T h are one product each after the last block; else each block adds its share,
+    dW in fp32. One product is faster on the CPU (no per-block fp32 accumulation pass) and
+    sums over all rows at the product's precision.
     """
 
     @staticmethod
@@ -127,9 +136,16 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
             h_aug = _with_bias_column(h, None if bias is None else 1.0, width)  # (N, width)
             w_aug = _with_bias_column(w, None if bias is None else bias.to(compute_dtype), width)
             n, v = h.size(0), w.size(0)
+            need_grad = need_h or need_w or need_b
+            whole = (  # P of every row, for one product each for dh and dW at the end
+                h.new_empty((n, v)) if need_grad and n * v * h.element_size() <= WHOLE_GRAD_BYTES
+                else None
+            )  # fmt: skip
             grad_h = torch.empty_like(h) if need_h else None
-            grad_wb = (  # (V, width) fp32: dW, then db at column D
-                h.new_zeros((v, width), dtype=torch.float32) if need_w or need_b else None
+            grad_wb = (  # (V, width) fp32: dW, then db at column D, summed over the blocks
+                h.new_zeros((v, width), dtype=torch.float32)
+                if (need_w or need_b) and whole is None
+                else None
             )
             nll = h.new_zeros((), dtype=torch.float32)
             lse = h.new_zeros((), dtype=torch.float32)
@@ -139,11 +155,12 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
                 h_blk = h_aug[start : start + block_rows]  # (n_blk, width)
                 t_blk = target[start : start + block_rows].unsqueeze(1)  # (n_blk, 1)
                 logits = h_blk @ w_aug.t()  # (n_blk, V), compute dtype, bias included
-                need_grad = grad_h is not None or grad_wb is not None
+                p_out = None if whole is None else whole[start : start + block_rows]
                 if on_kernel:  # one pass: lse, x_y and P = p - (1 - eps) onehot(y)
                     row_lse, logit_y, grad_p = native.smoothed_nll(
-                        logits, t_blk.squeeze(1), smoothing, compute_dtype if need_grad else None
-                    )
+                        logits, t_blk.squeeze(1), smoothing,
+                        compute_dtype if need_grad else None, p_out,
+                    )  # fmt: skip
                     nll += (row_lse - logit_y).sum()
                     lse += row_lse.sum()
                 else:
@@ -155,8 +172,8 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
                     if need_grad:
                         probs = log_probs.exp_()  # P = p - (1 - eps) onehot(y), in place
                         probs.scatter_add_(1, t_blk, probs.new_full(t_blk.shape, smoothing - 1.0))
-                        grad_p = probs.to(compute_dtype)
-                if grad_p is None:
+                        grad_p = probs.to(compute_dtype) if p_out is None else p_out.copy_(probs)
+                if grad_p is None or whole is not None:
                     continue
                 if grad_h is not None:
                     torch.mm(grad_p, w, out=grad_h[start : start + block_rows])
@@ -166,6 +183,11 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
                     grad_wb.addmm_(grad_p.t(), h_blk)
                 else:  # accumulated over blocks in fp32
                     grad_wb += grad_p.t() @ h_blk
+            if whole is not None:
+                if grad_h is not None:
+                    torch.mm(whole, w, out=grad_h)
+                if need_w or need_b:
+                    grad_wb = (whole.t() @ h_aug).float()
             # the rank-one terms of the docstring
             h_sum = h_aug.sum(0, dtype=torch.float32)  # (width,), 1 at the bias column: N
             logit_sum = h_sum @ w_aug.sum(0, dtype=torch.float32)

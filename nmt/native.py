@@ -8,6 +8,8 @@
   decoder's loop (`nmt.model.input_feeding`); the same math as `cells._lstm_fwd`/`_lstm_bwd`.
 - `smoothed_nll.cpp`: a block of logits' log-sum-exp, target logit and gradient for the fused
   projection and loss (`nmt.loss`), in one pass instead of four and two casts.
+- `row_products.cpp`: a row vector times its own batch row's matrix (the input-feeding loop's
+  attention scores and context, and their gradients), reading each matrix once.
 
 They are built with PyTorch's C++ extension loader (a C++ compiler and ninja are needed; the first
 build takes about a minute and is kept in PyTorch's extension cache, `TORCH_EXTENSIONS_DIR`).
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("module.cpp", "ln_lstm.cpp", "lstm.cpp", "smoothed_nll.cpp")
+    for name in ("module.cpp", "ln_lstm.cpp", "lstm.cpp", "smoothed_nll.cpp", "row_products.cpp")
 ]
 _module: ModuleType | None = None
 _active = False
@@ -140,13 +142,26 @@ def lstm_bwd(
 
 
 def smoothed_nll(
-    logits: Tensor, target: Tensor, smoothing: float, grad_dtype: torch.dtype | None
+    logits: Tensor,
+    target: Tensor,
+    smoothing: float,
+    grad_dtype: torch.dtype | None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """A block of logits (N, V) and its target columns (N,): the log-sum-exp of each row (N,)
     fp32, the target's logit (N,) fp32 and, where grad_dtype is given, P = p - (1 - eps)
-    onehot(y) (N, V) in it."""
+    onehot(y) (N, V) in it, written into `out` where given (contiguous, (N, V), grad_dtype)."""
     with_grad = grad_dtype is not None
     lse, logit_y, grad = load().smoothed_nll_forward(
-        logits, target, smoothing, with_grad, grad_dtype or logits.dtype
+        logits, target, smoothing, with_grad, grad_dtype or logits.dtype, out
     )
     return lse, logit_y, grad if with_grad else None
+
+
+def row_products(
+    x: Tensor, stored: Tensor, base: Tensor | None, transposed: bool, dtype: torch.dtype
+) -> Tensor:
+    """base + x_b M_b for every batch row b: x (B, K), stored (B, R, C) the matrices as they lie
+    in memory, M_b = stored_b (K = R) or its transpose (`transposed`, K = C); base (B, N) or
+    None. Returns (B, N) in dtype; the sums run in fp32."""
+    return load().row_products(x, stored, base, transposed, dtype)  # type: ignore[no-any-return]

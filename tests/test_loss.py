@@ -125,9 +125,14 @@ def loss_and_grads(
 
 @pytest.mark.parametrize("restricted", [False, True], ids=["full", "restricted"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("whole", [True, False], ids=["one-product", "per-block"])
 def test_fused_projection_and_loss_match_the_unfused_path_in_fp32(
-    restricted: bool, smoothing: float
+    restricted: bool, smoothing: float, whole: bool, monkeypatch: pytest.MonkeyPatch
 ):
+    """Both ways to the weight gradient: one product over all rows' P (the default while it
+    fits `WHOLE_GRAD_BYTES`) and a sum over the blocks' products."""
+    if not whole:
+        monkeypatch.setattr("nmt.loss.WHOLE_GRAD_BYTES", 0)
     expected = loss_and_grads(False, restricted, smoothing, autocast=False)
     for block_rows in (4, 5, 64):  # 13 positions: several blocks, a ragged one, one block
         got = loss_and_grads(True, restricted, smoothing, False, block_rows)

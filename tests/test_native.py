@@ -94,9 +94,15 @@ def test_softmax_kernel_gives_log_sum_exp_target_logit_and_gradient(dtype: torch
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_loss_on_the_kernel_gives_the_eager_loss_and_gradients(kernels: Any, precision: str):
+@pytest.mark.parametrize("whole", [True, False], ids=["one-product", "per-block"])
+def test_fused_loss_on_the_kernel_gives_the_eager_loss_and_gradients(
+    kernels: Any, precision: str, whole: bool, monkeypatch: pytest.MonkeyPatch
+):
     """`fused_linear_smoothed_nll` over several blocks (and a partial one), with a bias:
-    loss, nll and the gradients of hidden, weight and bias as on plain tensor code."""
+    loss, nll and the gradients of hidden, weight and bias as on plain tensor code, with the
+    blocks' P written into one tensor or each block's share added."""
+    if not whole:
+        monkeypatch.setattr("nmt.loss.WHOLE_GRAD_BYTES", 0)
     gen = torch.Generator().manual_seed(8)
     hidden = torch.randn(3, 11, 16, generator=gen, requires_grad=True)
     weight = torch.randn(29, 16, generator=gen, requires_grad=True)
@@ -152,3 +158,21 @@ def test_tiny_lstm_model_on_the_kernels_learns_to_reverse_token_strings(kernels:
     losses = tm.train_toy(model, steps=150)
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert end < 0.3 * start, (start, end)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_products_kernel_gives_baddbmm_both_ways_round(dtype: torch.dtype):
+    """base + x_b M_b per row, with M_b as stored and transposed, against baddbmm."""
+    gen = torch.Generator().manual_seed(9)
+    x_k, x_n = torch.randn(5, 13, generator=gen), torch.randn(5, 21, generator=gen)
+    stored = torch.randn(5, 13, 21, generator=gen).to(dtype)
+    base = torch.randn(5, 21, generator=gen).to(dtype)
+    out = native.row_products(x_k.to(dtype), stored, base, False, dtype)
+    expected = torch.baddbmm(base.float().unsqueeze(1), x_k.to(dtype).float().unsqueeze(1),
+                             stored.float()).squeeze(1)  # fmt: skip
+    torch.testing.assert_close(out.float(), expected.to(dtype).float(), **LOW.get(dtype, TIGHT))
+    out_t = native.row_products(x_n.to(dtype), stored, None, True, torch.float32)
+    expected_t = torch.bmm(x_n.to(dtype).float().unsqueeze(1), stored.float().transpose(1, 2))
+    torch.testing.assert_close(out_t, expected_t.squeeze(1), **LOW.get(dtype, TIGHT))
+    with pytest.raises(RuntimeError, match="x has 21 columns, the matrices 13"):
+        native.row_products(x_n, stored.float(), None, False, torch.float32)

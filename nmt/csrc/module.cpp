@@ -23,7 +23,10 @@ std::vector<at::Tensor> lstm_backward(at::Tensor dh, at::Tensor dc, at::Tensor c
                                       at::Tensor act, at::Tensor tc, c10::ScalarType da_dtype);
 std::vector<at::Tensor> smoothed_nll_forward(at::Tensor logits, at::Tensor target,
                                              double smoothing, bool with_grad,
-                                             c10::ScalarType grad_dtype);
+                                             c10::ScalarType grad_dtype,
+                                             c10::optional<at::Tensor> grad_out);
+at::Tensor row_products(at::Tensor x, at::Tensor stored, c10::optional<at::Tensor> base,
+                        bool transposed, c10::ScalarType out_dtype);
 
 }  // namespace nmt_native
 
@@ -45,5 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("smoothed_nll_forward", &smoothed_nll_forward,
         "log-sum-exp, target logit and p - (1 - eps) onehot(y) of a block of logits",
         py::arg("logits"), py::arg("target"), py::arg("smoothing"), py::arg("with_grad"),
-        py::arg("grad_dtype"));
+        py::arg("grad_dtype"), py::arg("grad_out") = py::none());
+  m.def("row_products", &row_products,
+        "base + x M (or x M^T) with one matrix per batch row, float32 sums", py::arg("x"),
+        py::arg("stored"), py::arg("base"), py::arg("transposed"), py::arg("out_dtype"));
 }

@@ -16,10 +16,12 @@ namespace nmt_native {
 
 // logits (N, V) float32, bfloat16 or float16; target (N,) long, columns of the logits.
 // Returns lse (N,) float32, x_y (N,) float32 (the target's logit, as the logits hold it) and,
-// where with_grad, P (N, V) in grad_dtype (else an empty tensor).
+// where with_grad, P (N, V) in grad_dtype (else an empty tensor), written into grad_out where
+// that is given (contiguous, (N, V), of grad_dtype).
 std::vector<at::Tensor> smoothed_nll_forward(at::Tensor logits, at::Tensor target,
                                              double smoothing, bool with_grad,
-                                             c10::ScalarType grad_dtype) {
+                                             c10::ScalarType grad_dtype,
+                                             c10::optional<at::Tensor> grad_out) {
   logits = logits.contiguous();
   target = target.to(at::kLong).contiguous();
   TORCH_CHECK(logits.dim() == 2 && target.dim() == 1 && target.size(0) == logits.size(0),
@@ -28,7 +30,15 @@ std::vector<at::Tensor> smoothed_nll_forward(at::Tensor logits, at::Tensor targe
   auto f32 = logits.options().dtype(at::kFloat);
   auto lse = at::empty({rows}, f32);
   auto logit_y = at::empty({rows}, f32);
-  auto grad = with_grad ? at::empty({rows, width}, f32.dtype(grad_dtype)) : at::empty({0}, f32);
+  at::Tensor grad = at::empty({0}, f32);
+  if (with_grad && grad_out.has_value()) {
+    grad = *grad_out;
+    TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == rows &&
+                    grad.size(1) == width && grad.scalar_type() == grad_dtype,
+                "smoothed_nll: grad_out must be a contiguous (N, V) tensor of grad_dtype");
+  } else if (with_grad) {
+    grad = at::empty({rows, width}, f32.dtype(grad_dtype));
+  }
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float on_target = static_cast<float>(1.0 - smoothing);
   at::parallel_for(0, rows, grain(rows), [&](int64_t begin, int64_t end) {

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
+from nmt import native
 from nmt.model.attention import EncoderMemory
 from nmt.model.cells import RecurrentLayer, RecurrentNoise, cell_step, lstm_step
 
@@ -92,11 +93,35 @@ class _Products(NamedTuple):
         return torch.addmm(start, self.record(k, x), self.mats[k])
 
     def per_row(self, t: int, x: Tensor, k: int = 0, base: Tensor | None = None) -> Tensor:
-        """base (default: step t's) + x (B, K) @ M_k (B, K, N), row by row -> (B, N)."""
+        """base (default: step t's) + x (B, K) @ M_k (B, K, N), row by row -> (B, N); on the
+        C++ kernel under `use_kernels("native")` (`_RowProducts`)."""
         start = self.bases[t] if base is None else base
-        return torch.baddbmm(
-            start.unsqueeze(1), self.record(k, x).unsqueeze(1), self.mats[k]
-        ).squeeze(1)
+        mat = self.mats[k]
+        if native.active(mat):
+            for stored, transposed in ((mat, False), (mat.transpose(1, 2), True)):
+                if stored.is_contiguous():
+                    return _RowProducts.apply(start, self.record(k, x), stored, transposed)  # type: ignore[no-any-return]
+        return torch.baddbmm(start.unsqueeze(1), self.record(k, x).unsqueeze(1), mat).squeeze(1)
+
+
+class _RowProducts(torch.autograd.Function):
+    """base + x_b M_b per batch row on the C++ kernel (`native.row_products`), M detached:
+    the gradient of x is g M_b^T, the same kernel over the same matrices the other way round
+    (M's own gradient comes from `_LoopProducts`, over all steps at once)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, base: Tensor, x: Tensor, stored: Tensor, transposed: bool
+    ) -> Tensor:
+        ctx.save_for_backward(stored)
+        ctx.transposed, ctx.x_dtype = transposed, x.dtype
+        return native.row_products(x, stored, base, transposed, base.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (stored,) = ctx.saved_tensors
+        grad_x = native.row_products(grad, stored, None, not ctx.transposed, ctx.x_dtype)
+        return grad, grad_x, None, None
 
 
 def _gru_pointwise(gi: Tensor, gh: Tensor, hidden: Tensor) -> Tensor:
