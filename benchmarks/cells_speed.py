@@ -6,7 +6,7 @@ input feeding (1024 -> 512). Every implementation is timed in alternation, in bf
 in fp32; the median of `--iters` runs after warm-up is reported, and `ratio` is its time over
 nn.LSTM's in the same precision. `ours:lstm` is a plain LSTM on our layer (the target: no slower
 than nn.LSTM); `+compiled` rows run the gate math through torch.compile instead of eager code,
-`+native` lstm_ln's C++ kernel (`train.cell_kernels`). Prints JSON.
+`+native` the C++ kernels of lstm_ln and the plain LSTM (`train.cell_kernels`). Prints JSON.
 
     python -m benchmarks.cells_speed --threads 2
     python -m benchmarks.cells_speed --iters 3 --no-compile --no-native
@@ -43,7 +43,7 @@ def makers(
         found[f"ours:{kind}"] = (make, "eager")
         if kind in ("lstm", "lstm_ln") and compiled:
             found[f"ours:{kind}+compiled"] = (make, "compiled")
-        if kind == "lstm_ln" and native:
+        if kind in ("lstm", "lstm_ln") and native:
             found[f"ours:{kind}+native"] = (make, "native")
     return found
 

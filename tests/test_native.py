@@ -176,3 +176,21 @@ def test_row_products_kernel_gives_baddbmm_both_ways_round(dtype: torch.dtype):
     torch.testing.assert_close(out_t, expected_t.squeeze(1), **LOW.get(dtype, TIGHT))
     with pytest.raises(RuntimeError, match="x has 21 columns, the matrices 13"):
         native.row_products(x_n, stored.float(), None, False, torch.float32)
+
+
+def test_nn_lstm_trained_on_the_kernels_matches_its_own_forward_and_backward(kernels: Any):
+    """`lstm_on_kernels` (what the encoder runs for a plain nn.LSTM layer when training on the
+    kernels): the module's outputs and the gradients of its input and of all four weights."""
+    torch.manual_seed(12)
+    rnn = torch.nn.LSTM(10, 7, batch_first=True)
+    x = torch.randn(3, 6, 10, requires_grad=True)
+    weights = torch.randn(3, 6, 7)
+    results = []
+    for run in (lambda: rnn(x)[0], lambda: cells.lstm_on_kernels(rnn, x)):
+        rnn.zero_grad()
+        x.grad = None
+        out = run()
+        (out * weights).sum().backward()
+        results.append([out.detach(), x.grad, *(p.grad for p in rnn.parameters())])
+    for mine, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(mine, theirs, **TIGHT)

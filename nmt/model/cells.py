@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +321,9 @@ class _Recurrence(torch.autograd.Function):
         step = _step_math[kind]
         acc = torch.promote_types(dtype, torch.float32)  # the gate math's dtype
         extra32 = [e.to(acc) for e in extra]
+        # a plain LSTM's steps on the C++ kernel (`use_kernels("native")`, CPU)
+        on_kernel = kind == "lstm" and native.active(pre) and _step_math["lstm"] == _NATIVE["lstm"]
+        on_kernel = on_kernel and acc == torch.float32
         with torch.autocast(pre.device.type, enabled=False):
             w_t = w_hh.to(dtype).t()  # (H, G*H)
             mask = None if h_mask is None else h_mask.to(dtype)
@@ -335,6 +338,8 @@ class _Recurrence(torch.autograd.Function):
                     # pre_t and hh stay in their dtype: the step casts (LN(hh) + pre_t: fp32)
                     hh = torch.mm(h_in, w_t)
                     h, c, *rest = step.fwd(pre[t], hh, cs[-1], *extra32, dtype)
+                elif on_kernel:  # the C++ kernel reads the gates and writes h in their dtype
+                    h, c, *rest = native.lstm_fwd(torch.addmm(pre[t], h_in, w_t), cs[-1], dtype)
                 else:  # pre_t + h W_hh^T as one product (bf16 under autocast, as nn.LSTM's)
                     gates = torch.addmm(pre[t], h_in, w_t).to(acc)
                     h, c, *rest = step.fwd(gates, cs[-1], *extra32)
@@ -342,7 +347,7 @@ class _Recurrence(torch.autograd.Function):
                 h_in = out[t]
                 cs.append(c)
                 saved.append(rest)
-        ctx.kind = kind
+        ctx.kind, ctx.on_kernel = kind, on_kernel
         ctx.saved = (cs, saved, extra32)  # intermediates only: outputs go through save_for_backward
         ctx.save_for_backward(w_hh, h_mask, h0, out)
         ctx.shapes = (dtype, c0.dtype, h0.dtype, [e.dtype for e in extra])
@@ -376,6 +381,9 @@ class _Recurrence(torch.autograd.Function):
                     )
                     d_hh[t] = dhh
                     d_ln.append(d_step)
+                elif ctx.on_kernel:
+                    act, tc = saved[t]
+                    da, dc = native.lstm_bwd(dh, dc, cs[t], act, tc, dtype)
                 else:
                     da, dc = step.bwd(dh, dc, cs[t], *saved[t], *extra32)
                 d_pre[t] = da
@@ -409,6 +417,22 @@ def _extra_grads(
     if kind == "lstm_ln":
         return [torch.stack(per_step).sum(0) for per_step in zip(*d_ln, strict=True)]
     return []
+
+
+def lstm_on_kernels(rnn: nn.LSTM, x: Tensor) -> Tensor:
+    """A one-layer, unidirectional, batch-first nn.LSTM over x (B, T, In) from zeros, run as
+    our layer runs a plain LSTM: the input product of all steps as one, the loop and its
+    hand-written backward in `_Recurrence` with the gate math on the C++ kernel. With the
+    kernel on, a training step's forward and backward take 0.84x oneDNN's time at the Bible
+    encoder's shape (BENCHMARKS.md, "Recurrent cells"). Returns out (B, T, H)."""
+    w_ih, w_hh, b_ih, b_hh = (
+        cast(Tensor, getattr(rnn, name))
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    )
+    pre = F.linear(x.transpose(0, 1), w_ih, b_ih + b_hh)  # (T, B, 4H)
+    zeros = x.new_zeros(x.size(0), rnn.hidden_size, dtype=torch.float32)
+    out, _ = _Recurrence.apply("lstm", pre, zeros, zeros, w_hh, None)
+    return cast(Tensor, out).transpose(0, 1)
 
 
 # -- one step as one autograd node (the input-feeding loop) ---------------------------------

@@ -19,7 +19,8 @@ from typing import NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
-from nmt.model.cells import CELLS, CUSTOM_CELLS, RecurrentLayer
+from nmt import native
+from nmt.model.cells import CELLS, CUSTOM_CELLS, RecurrentLayer, lstm_on_kernels
 from nmt.model.dropout import dropout, keep_mask
 
 RNN_CELLS: dict[str, type[nn.LSTM] | type[nn.GRU]] = {"lstm": nn.LSTM, "gru": nn.GRU}
@@ -96,6 +97,13 @@ def reverse_index(lengths: Tensor, max_len: int) -> Tensor:
 
 
 def _run(rnn: nn.Module, x: Tensor) -> Tensor:
+    """One layer over a whole batch from zeros. Training a plain nn.LSTM on the CPU with the
+    C++ kernels on (`cells.use_kernels("native")`) runs it on our layer's loop
+    (`lstm_on_kernels`), faster than oneDNN's backward; otherwise the module itself runs."""
+    if type(rnn) is nn.LSTM and torch.is_grad_enabled() and native.active(x):
+        lstm = cast(nn.LSTM, rnn)
+        if lstm.num_layers == 1 and not lstm.bidirectional and lstm.bias and lstm.proj_size == 0:
+            return lstm_on_kernels(lstm, x)
     out, _ = rnn(x)
     return out
 
