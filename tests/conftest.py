@@ -12,6 +12,10 @@ Built once per test session in a temporary folder:
 - `toy_translation_dir`: an easier copy task (8 symbols, 1-6 long) for training-loop tests.
 - `tiny_model_dir`: configs/tiny.yaml trained 150 steps on the toy corpus (es -> en), the model
   directory of that run (for translator and service tests).
+
+After every test the gate math and loss are back on plain tensor code (`use_kernels("eager")`):
+a training run selects the C++ kernels for the process, and a test must not depend on which
+tests ran before it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ import torch
 
 from nmt.config import TokenizerConfig
 from nmt.corpus import write_corpus
+from nmt.model.cells import use_kernels
 from nmt.tokenizer import Tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _eager_kernels_after_each_test() -> Iterator[None]:
+    yield
+    use_kernels("eager")
 
 TOY_SRC_LANG, TOY_TGT_LANG = "es", "en"
 TASK_SRC_LANG, TASK_TGT_LANG = "src", "tgt"
