@@ -40,6 +40,7 @@ def _eager_kernels_after_each_test() -> Iterator[None]:
     yield
     use_kernels("eager")
 
+
 TOY_SRC_LANG, TOY_TGT_LANG = "es", "en"
 TASK_SRC_LANG, TASK_TGT_LANG = "src", "tgt"
 
