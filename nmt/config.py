@@ -158,8 +158,9 @@ class TrainConfig:
     # `compiled` (lstm_ln / lstm_peephole / lstm_cifg only: torch.compile, one generated kernel
     # per step; needs a C++ compiler, ~15 s at every start), `native` (C++ kernels, built once
     # per machine in about a minute and cached, needing a C++ compiler and ninja: one per step
-    # for the gate math of lstm_ln, and of lstm in the input-feeding decoder, and one per block
-    # for the loss's softmax) or `auto` (native on a CPU where they build, else eager)
+    # for the gate math of lstm_ln, and of lstm in the input-feeding decoder and the training
+    # encoder, one for the attention's per-row products, one per block for the loss's softmax)
+    # or `auto` (native on a CPU where they build, else eager)
     cell_kernels: Literal["auto", "eager", "compiled", "native"] = "auto"
     compile_cells: bool = False  # older spelling of cell_kernels: compiled
     # wait-k training (Ma et al., 2019): target step t attends to the first t + k source tokens
