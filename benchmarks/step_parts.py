@@ -38,14 +38,8 @@ from nmt import loss as nmt_loss
 from nmt.config import config_from_dict, load_config
 from nmt.model import build_model, input_feeding
 from nmt.model import encoder as nmt_encoder
-from nmt.model.cells import use_kernels
+from nmt.model.cells import lstm_step_plain, use_kernels
 from nmt.train import make_optimizer
-
-
-def _plain_lstm_step(gates: torch.Tensor, c_prev: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    in_gate, forget, cell_in, out_gate = gates.float().chunk(4, dim=1)
-    c = torch.sigmoid(forget) * c_prev + torch.sigmoid(in_gate) * torch.tanh(cell_in)
-    return (torch.sigmoid(out_gate) * torch.tanh(c)).to(gates.dtype), c
 
 
 def _baddbmm_per_row(
@@ -84,7 +78,7 @@ def _without(piece: str) -> Iterator[None]:
         setattr(owner, name, value)
 
     if piece == "lstm_gate_math":
-        swap(input_feeding, "lstm_step", _plain_lstm_step)
+        swap(input_feeding, "lstm_step", lstm_step_plain)
     elif piece == "row_products":
         swap(input_feeding._Products, "per_row", _baddbmm_per_row)
     elif piece == "encoder_on_kernels":

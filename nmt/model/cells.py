@@ -269,27 +269,10 @@ def _ln_native_bwd(
     return (native.ln_bwd if _on_kernel(c) else _ln_bwd)(dh, dc, c_prev, c, *rest)
 
 
-def _lstm_native_fwd(a: Tensor, c_prev: Tensor) -> tuple[Tensor, ...]:
-    if not _on_kernel(c_prev):
-        return _lstm_fwd(a, c_prev)
-    return native.lstm_fwd(a, c_prev, a.dtype)
-
-
-def _lstm_native_bwd(
-    dh: Tensor, dc: Tensor, c_prev: Tensor, *rest: Tensor
-) -> tuple[Tensor, Tensor]:
-    if len(rest) == 3:  # the plain forward's (s, g, tc)
-        return _lstm_bwd(dh, dc, c_prev, *rest)
-    act, tc = rest
-    return native.lstm_bwd(dh, dc, c_prev, act, tc, torch.float32)
-
-
-# lstm_ln's and the LSTM's steps on the C++ kernels for CPU tensors, on plain tensor code for
-# others (a forward keeps what its own backward needs; the cell state, the same in both, decides)
-_NATIVE = {
-    "lstm": _StepMath(_lstm_native_fwd, _lstm_native_bwd),
-    "lstm_ln": _StepMath(_ln_native_fwd, _ln_native_bwd),
-}
+# lstm_ln's steps on the C++ kernel for CPU tensors, on plain tensor code for others (a forward
+# keeps what its own backward needs; the cell state, the same in both, decides). The plain LSTM's
+# kernel reads and writes the products' dtype, so `_Recurrence` and `lstm_step` call it directly.
+_NATIVE = {"lstm_ln": _StepMath(_ln_native_fwd, _ln_native_bwd)}
 
 
 # -- the whole sequence as one autograd node ------------------------------------------------
@@ -321,9 +304,8 @@ class _Recurrence(torch.autograd.Function):
         step = _step_math[kind]
         acc = torch.promote_types(dtype, torch.float32)  # the gate math's dtype
         extra32 = [e.to(acc) for e in extra]
-        # a plain LSTM's steps on the C++ kernel (`use_kernels("native")`, CPU)
-        on_kernel = kind == "lstm" and native.active(pre) and _step_math["lstm"] == _NATIVE["lstm"]
-        on_kernel = on_kernel and acc == torch.float32
+        # a plain LSTM's steps on the C++ kernel (`use_kernels("native")`, CPU, fp32 cell state)
+        on_kernel = kind == "lstm" and native.active(pre) and acc == torch.float32
         with torch.autocast(pre.device.type, enabled=False):
             w_t = w_hh.to(dtype).t()  # (H, G*H)
             mask = None if h_mask is None else h_mask.to(dtype)
@@ -551,6 +533,11 @@ def lstm_step(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
             return _NativeLstmStep.apply(gates, c_prev)  # type: ignore[no-any-return]
         h, c, *_ = native.lstm_fwd(gates, c_prev, gates.dtype)
         return h, c
+    return lstm_step_plain(gates, c_prev)
+
+
+def lstm_step_plain(gates: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """`lstm_step` on plain tensor code, whatever kernels are selected."""
     in_gate, forget, cell_in, out_gate = gates.float().chunk(4, dim=1)
     c = torch.sigmoid(forget) * c_prev + torch.sigmoid(in_gate) * torch.tanh(cell_in)
     return (torch.sigmoid(out_gate) * torch.tanh(c)).to(gates.dtype), c

@@ -67,19 +67,23 @@ class _LoopProducts(torch.autograd.Function):
 
 
 class _Products(NamedTuple):
-    """One `_LoopProducts` site: the per-step bases, the detached matrices and the inputs
-    lists the loop fills."""
+    """One `_LoopProducts` site: the per-step bases, the detached matrices, the inputs lists
+    the loop fills and, for the C++ row products, how each per-row matrix lies in memory."""
 
     bases: tuple[Tensor, ...]  # T tensors (B, N)
     mats: list[Tensor]  # detached M_k (K, N) or (B, K, N)
     inputs: list[list[Tensor]]
+    # per M_k (B, K, N): (stored, transposed) for `_RowProducts`, M_k itself contiguous or its
+    # transpose contiguous; None where the kernels are off or neither is
+    row_mats: list[tuple[Tensor, bool] | None]
 
     @staticmethod
     def build(base: Tensor, mats: list[Tensor]) -> _Products:
         """base: (T, B, N); mats as in `_LoopProducts`."""
         inputs: list[list[Tensor]] = [[] for _ in mats]
         anchored = _LoopProducts.apply(base, inputs, *mats)
-        return _Products(anchored.unbind(0), [m.detach() for m in mats], inputs)
+        detached = [m.detach() for m in mats]
+        return _Products(anchored.unbind(0), detached, inputs, [_row_mat(m) for m in detached])
 
     def record(self, k: int, x: Tensor) -> Tensor:
         """Keeps x (B, K) for the k-th matrix's gradient; returns it."""
@@ -96,12 +100,24 @@ class _Products(NamedTuple):
         """base (default: step t's) + x (B, K) @ M_k (B, K, N), row by row -> (B, N); on the
         C++ kernel under `use_kernels("native")` (`_RowProducts`)."""
         start = self.bases[t] if base is None else base
-        mat = self.mats[k]
-        if native.active(mat):
-            for stored, transposed in ((mat, False), (mat.transpose(1, 2), True)):
-                if stored.is_contiguous():
-                    return _RowProducts.apply(start, self.record(k, x), stored, transposed)  # type: ignore[no-any-return]
-        return torch.baddbmm(start.unsqueeze(1), self.record(k, x).unsqueeze(1), mat).squeeze(1)
+        row_mat = self.row_mats[k]
+        if row_mat is not None:
+            return _RowProducts.apply(start, self.record(k, x), *row_mat)  # type: ignore[no-any-return]
+        return torch.baddbmm(
+            start.unsqueeze(1), self.record(k, x).unsqueeze(1), self.mats[k]
+        ).squeeze(1)
+
+
+def _row_mat(mat: Tensor) -> tuple[Tensor, bool] | None:
+    """How `_RowProducts` reads a per-row matrix M (B, K, N): (M, False) where M is contiguous,
+    (M^T, True) where its transpose is; None for a shared matrix, with the kernels off, or
+    where neither lies contiguously."""
+    if mat.dim() != 3 or not native.active(mat):
+        return None
+    for stored, transposed in ((mat, False), (mat.transpose(1, 2), True)):
+        if stored.is_contiguous():
+            return stored, transposed
+    return None
 
 
 class _RowProducts(torch.autograd.Function):
