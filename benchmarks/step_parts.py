@@ -8,6 +8,7 @@ one piece at a time put back to what it replaced:
 - `row_products`: the attention's per-row products as `baddbmm`;
 - `encoder_on_kernels`: the encoder's nn.LSTM layers on oneDNN's fused kernels;
 - `softmax_kernel`: the loss's softmax pass as log_softmax, exp, scatter and a cast;
+- `dropout_kernel`: dropout masks as a bulk draw, a compare, a cast and a scaling;
 - `one_weight_product`: the output weights' gradient summed block by block in fp32;
 - `fused_adam`: Adam's per-tensor loop instead of its fused kernel;
 - `all`: every one of these at once (`train.cell_kernels: eager`, per-tensor Adam).
@@ -37,6 +38,7 @@ from benchmarks.model_speed import (
 from nmt import loss as nmt_loss
 from nmt.config import config_from_dict, load_config
 from nmt.model import build_model, input_feeding
+from nmt.model import dropout as nmt_dropout
 from nmt.model import encoder as nmt_encoder
 from nmt.model.cells import lstm_step_plain, use_kernels
 from nmt.train import make_optimizer
@@ -60,11 +62,15 @@ def _onednn(rnn: torch.nn.LSTM, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _NoSoftmaxKernel:
-    """`nmt.native` as the loss sees it, with its softmax kernel turned off."""
+class _KernelsOff:
+    """`nmt.native` as one module sees it (the loss, dropout), with its kernels turned off."""
 
     @staticmethod
     def active(like: torch.Tensor) -> bool:
+        return False
+
+    @staticmethod
+    def on_cpu() -> bool:
         return False
 
 
@@ -84,7 +90,9 @@ def _without(piece: str) -> Iterator[None]:
     elif piece == "encoder_on_kernels":
         swap(nmt_encoder, "lstm_on_kernels", _onednn)
     elif piece == "softmax_kernel":
-        swap(nmt_loss, "native", _NoSoftmaxKernel)
+        swap(nmt_loss, "native", _KernelsOff)
+    elif piece == "dropout_kernel":
+        swap(nmt_dropout, "native", _KernelsOff)
     if piece in ("one_weight_product", "all"):  # `all` also takes the kernels off (eager)
         swap(nmt_loss, "WHOLE_GRAD_BYTES", 0)
     try:
@@ -99,6 +107,7 @@ PIECES = (
     "row_products",
     "encoder_on_kernels",
     "softmax_kernel",
+    "dropout_kernel",
     "one_weight_product",
     "fused_adam",
     "all",

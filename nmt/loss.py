@@ -78,13 +78,18 @@ def label_smoothed_nll(
     return loss.sum(), nll.sum().detach(), keep.sum()
 
 
-def _with_bias_column(x: Tensor, column: Tensor | float | None, width: int) -> Tensor:
-    """x (R, D) widened to (R, width) with `column` at index D and zeros after it."""
+def _with_bias_column(
+    x: Tensor, column: Tensor | float | None, width: int, dtype: torch.dtype | None = None
+) -> Tensor:
+    """x (R, D) widened to (R, width) with `column` at index D and zeros after it, in dtype
+    (default: x's), one pass over x."""
+    dtype = dtype or x.dtype
     if column is None:
-        return x
-    out = x.new_zeros(x.size(0), width)
+        return x.to(dtype)
+    out = x.new_empty((x.size(0), width), dtype=dtype)
     out[:, : x.size(1)] = x
     out[:, x.size(1)] = column
+    out[:, x.size(1) + 1 :] = 0
     return out
 
 
@@ -132,16 +137,16 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
         width = d if bias is None else -(-(d + 1) // 32) * 32  # room for the bias column
         with torch.autocast(hidden.device.type, enabled=False):
             h = (hidden if all_rows else hidden.index_select(0, rows)).to(compute_dtype)  # (N, D)
-            w = weight.to(compute_dtype)  # (V, D)
             h_aug = _with_bias_column(h, None if bias is None else 1.0, width)  # (N, width)
-            w_aug = _with_bias_column(w, None if bias is None else bias.to(compute_dtype), width)
+            w_aug = _with_bias_column(weight, bias, width, compute_dtype)  # (V, width)
+            w = w_aug[:, :d]  # (V, D)
             n, v = h.size(0), w.size(0)
             need_grad = need_h or need_w or need_b
             whole = (  # P of every row, for one product each for dh and dW at the end
                 h.new_empty((n, v)) if need_grad and n * v * h.element_size() <= WHOLE_GRAD_BYTES
                 else None
             )  # fmt: skip
-            grad_h = torch.empty_like(h) if need_h else None
+            grad_h = h.new_empty(h.shape) if need_h else None
             grad_wb = (  # (V, width) fp32: dW, then db at column D, summed over the blocks
                 h.new_zeros((v, width), dtype=torch.float32)
                 if (need_w or need_b) and whole is None
@@ -187,17 +192,21 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
                 if grad_h is not None:
                     torch.mm(whole, w, out=grad_h)
                 if need_w or need_b:
-                    grad_wb = (whole.t() @ h_aug).float()
-            # the rank-one terms of the docstring
+                    grad_wb = whole.t() @ h_aug  # compute dtype: cast with backward's pass
+            # the rank-one terms of the docstring, the weights' column sums from the weights
+            # as given (fp32 masters: no cast of W for them; they differ from the cast W's
+            # sums by its rounding only)
             h_sum = h_aug.sum(0, dtype=torch.float32)  # (width,), 1 at the bias column: N
-            logit_sum = h_sum @ w_aug.sum(0, dtype=torch.float32)
+            w_sum = weight.sum(0, dtype=torch.float32)  # (D,)
+            logit_sum = h_sum[:d] @ w_sum
+            if bias is not None:
+                logit_sum = logit_sum + h_sum[d] * bias.sum(dtype=torch.float32)
             loss = (1.0 - smoothing) * nll + smoothing * lse - smoothing / v * logit_sum
-            if grad_wb is not None and smoothing:
-                grad_wb -= smoothing / v * h_sum
-            shift = smoothing / v * w.sum(0, dtype=torch.float32) if need_h and smoothing else None
-        ctx.grad_h, ctx.grad_h_shift = grad_h, shift
-        ctx.grad_w = None if grad_wb is None or not need_w else grad_wb[:, :d]
-        ctx.grad_b = None if grad_wb is None or not need_b else grad_wb[:, d]
+        ctx.grad_h = grad_h
+        ctx.grad_h_shift = smoothing / v * w_sum if need_h and smoothing else None
+        # dW = G^T h - (eps / V) sum_n h_n, and db at column D: backward's one pass
+        ctx.grad_wb, ctx.grad_wb_shift = grad_wb, smoothing / v * h_sum
+        ctx.d, ctx.need_w, ctx.need_b = d, need_w, need_b
         ctx.rows = None if all_rows else rows
         ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.weight_dtype = weight.dtype
@@ -215,11 +224,16 @@ class _FusedLinearSmoothedNLL(torch.autograd.Function):
                 grad_hidden = grad_h
             else:
                 grad_hidden = grad_h.new_zeros(ctx.hidden_shape).index_copy_(0, ctx.rows, grad_h)
-        if ctx.grad_w is not None:
-            grad_weight = (ctx.grad_w * grad_loss).to(ctx.weight_dtype)
-        if ctx.grad_b is not None:
-            grad_bias = (ctx.grad_b * grad_loss).to(ctx.bias_dtype)
-        ctx.grad_h = ctx.grad_w = ctx.grad_b = None
+        if ctx.grad_wb is not None:
+            # (G^T h - shift) * g as one pass: fp32 row + bf16 or fp32 block * 0-dim, in fp32
+            d, grad_wb, start = ctx.d, ctx.grad_wb, -ctx.grad_wb_shift * grad_loss.float()
+            if ctx.need_w:
+                grad_weight = torch.addcmul(start[:d], grad_wb[:, :d], grad_loss)
+                grad_weight = grad_weight.to(ctx.weight_dtype)
+            if ctx.need_b:
+                grad_bias = torch.addcmul(start[d], grad_wb[:, d], grad_loss)
+                grad_bias = grad_bias.to(ctx.bias_dtype)
+        ctx.grad_h = ctx.grad_wb = None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 

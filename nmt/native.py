@@ -10,6 +10,8 @@
   projection and loss (`nmt.loss`), in one pass instead of four and two casts.
 - `row_products.cpp`: a row vector times its own batch row's matrix (the input-feeding loop's
   attention scores and context, and their gradients), reading each matrix once.
+- `dropout.cpp`: dropout's scaled keep-mask in one pass, from a counter-based generator seeded
+  by PyTorch's (`nmt.model.dropout`), instead of a draw, a compare, a cast and a scaling.
 
 They are built with PyTorch's C++ extension loader (a C++ compiler and ninja are needed; the first
 build takes about a minute and is kept in PyTorch's extension cache, `TORCH_EXTENSIONS_DIR`).
@@ -32,7 +34,14 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name
-    for name in ("module.cpp", "ln_lstm.cpp", "lstm.cpp", "smoothed_nll.cpp", "row_products.cpp")
+    for name in (
+        "module.cpp",
+        "ln_lstm.cpp",
+        "lstm.cpp",
+        "smoothed_nll.cpp",
+        "row_products.cpp",
+        "dropout.cpp",
+    )
 ]
 _module: ModuleType | None = None
 _active = False
@@ -165,3 +174,17 @@ def row_products(
     in memory, M_b = stored_b (K = R) or its transpose (`transposed`, K = C); base (B, N) or
     None. Returns (B, N) in dtype; the sums run in fp32."""
     return load().row_products(x, stored, base, transposed, dtype)  # type: ignore[no-any-return]
+
+
+def on_cpu() -> bool:
+    """Whether CPU work runs on the kernels (turned on), for callers that have a device and
+    no tensor yet."""
+    return _active
+
+
+def keep_mask(
+    shape: tuple[int, ...], seed: int, threshold: int, scale: float, dtype: torch.dtype
+) -> Tensor:
+    """A CPU tensor of `shape` in dtype: `scale` where the element's 16-bit uniform (int16, from
+    a SplitMix64 stream of `seed`, four per 64-bit output) is >= threshold, else 0."""
+    return load().keep_mask(list(shape), seed, threshold, scale, dtype)  # type: ignore[no-any-return]

@@ -8,8 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+from nmt import native
 from nmt.model import dropout as nmt_dropout
+from nmt.model.cells import use_kernels
 from nmt.model.dropout import Dropout, dropout, keep_mask
+
+
+@pytest.fixture(params=["eager", "native"])
+def kernels(request: pytest.FixtureRequest) -> str:
+    """The masks from torch's bulk draws (eager) and from the C++ kernel's stream (native);
+    the conftest puts the kernels back to eager afterwards."""
+    return use_kernels(request.param)
 
 
 def test_quantised_threshold_and_scale_by_hand() -> None:
@@ -21,7 +30,7 @@ def test_quantised_threshold_and_scale_by_hand() -> None:
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
-def test_keep_mask_rate_values_and_expectation(p: float) -> None:
+def test_keep_mask_rate_values_and_expectation(p: float, kernels: str) -> None:
     torch.manual_seed(0)
     n = 1_000_003  # not a multiple of four: the last 64-bit draw is partly used
     mask = keep_mask((n,), p, torch.float32, torch.device("cpu"))
@@ -34,7 +43,7 @@ def test_keep_mask_rate_values_and_expectation(p: float) -> None:
     assert abs(mask.double().mean().item() - 1.0) < 5 * sigma * scale  # unbiased
 
 
-def test_neighbours_in_one_draw_are_independent() -> None:
+def test_neighbours_in_one_draw_are_independent(kernels: str) -> None:
     # four elements share a 64-bit draw: P(both kept) must be P(kept)^2 for neighbours
     torch.manual_seed(1)
     n = 4 * 250_000
@@ -44,7 +53,7 @@ def test_neighbours_in_one_draw_are_independent() -> None:
         assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / kept.size(0))
 
 
-def test_masks_follow_the_seed_and_differ_between_draws() -> None:
+def test_masks_follow_the_seed_and_differ_between_draws(kernels: str) -> None:
     torch.manual_seed(5)
     first = keep_mask((64, 33), 0.3, torch.bfloat16, torch.device("cpu"))
     second = keep_mask((64, 33), 0.3, torch.bfloat16, torch.device("cpu"))
@@ -55,7 +64,7 @@ def test_masks_follow_the_seed_and_differ_between_draws() -> None:
     assert not torch.equal(first, second)
 
 
-def test_dropout_gradient_is_the_mask_and_eval_is_identity() -> None:
+def test_dropout_gradient_is_the_mask_and_eval_is_identity(kernels: str) -> None:
     torch.manual_seed(2)
     x = torch.randn(8, 5, 16, requires_grad=True)
     out = dropout(x, 0.25)
@@ -67,6 +76,41 @@ def test_dropout_gradient_is_the_mask_and_eval_is_identity() -> None:
     assert mask.unique().tolist() == [0.0, pytest.approx(scale, rel=1e-6)]
     assert dropout(x, 0.25, training=False) is x
     assert dropout(x, 0.0) is x
+
+
+def test_native_mask_is_the_same_for_any_number_of_threads() -> None:
+    use_kernels("native")
+    threads = torch.get_num_threads()
+    masks = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(7)
+            masks.append(keep_mask((257, 129), 0.1, torch.float32, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+
+
+def test_native_mask_by_hand_from_splitmix64() -> None:
+    # word w of seed s is SplitMix64's output for the state s + (w + 1) * gamma; element 4w + j
+    # is its j-th 16-bit slice (lowest first) read as int16, kept when >= the threshold
+    mask64 = (1 << 64) - 1
+
+    def splitmix64(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        return z ^ (z >> 31)
+
+    seed, threshold, scale = 12345, -1000, 1.25
+    got = native.keep_mask((3, 3), seed, threshold, scale, torch.float32).flatten().tolist()
+    expected = []
+    for i in range(9):
+        word = splitmix64((seed + (i // 4 + 1) * 0x9E3779B97F4A7C15) & mask64)
+        value = (word >> (16 * (i % 4))) & 0xFFFF
+        value = value - 65536 if value >= 32768 else value
+        expected.append(scale if value >= threshold else 0.0)
+    assert got == expected
 
 
 def test_module_matches_nn_dropout_interface() -> None:

@@ -27,6 +27,8 @@ std::vector<at::Tensor> smoothed_nll_forward(at::Tensor logits, at::Tensor targe
                                              c10::optional<at::Tensor> grad_out);
 at::Tensor row_products(at::Tensor x, at::Tensor stored, c10::optional<at::Tensor> base,
                         bool transposed, c10::ScalarType out_dtype);
+at::Tensor keep_mask(std::vector<int64_t> shape, int64_t seed, int64_t threshold, double scale,
+                     c10::ScalarType dtype);
 
 }  // namespace nmt_native
 
@@ -52,4 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_products", &row_products,
         "base + x M (or x M^T) with one matrix per batch row, float32 sums", py::arg("x"),
         py::arg("stored"), py::arg("base"), py::arg("transposed"), py::arg("out_dtype"));
+  m.def("keep_mask", &keep_mask,
+        "dropout's scaled keep-mask from a counter-based generator (SplitMix64) and a seed",
+        py::arg("shape"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+        py::arg("dtype"));
 }

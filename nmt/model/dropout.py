@@ -6,8 +6,10 @@ tenth of the default model's training step. Here one 64-bit draw (`torch.randint
 whole int64 range) gives four 16-bit uniforms, and an element is kept when its uniform clears
 a threshold: a third of the time (benchmarks/model_speed.py measures the step). The keep
 probability is rounded to a multiple of 1/65536 and the mask is scaled by the rounded value,
-so the expectation is exact. On CUDA, where dropout is one fused Philox kernel, `F.dropout`
-and `torch.bernoulli` run as they are.
+so the expectation is exact. With the C++ kernels on (`nmt.native`), the mask is one pass of
+a counter-based generator (SplitMix64) whose seed is one draw from PyTorch's generator, instead
+of the draw, a compare, a cast and a scaling. On CUDA, where dropout is one fused Philox kernel,
+`F.dropout` and `torch.bernoulli` run as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nmt import native
 
 _LEVELS = 1 << 16  # a 16-bit uniform per element
 # False: torch's per-element draws on the CPU too (the reference benchmarks/model_speed.py times)
@@ -47,6 +51,9 @@ def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torc
     if device.type != "cpu" or not BULK_BITS_ON_CPU:
         return bernoulli_mask(shape, p, dtype, device)
     threshold, scale = _quantised(p)
+    if native.on_cpu():
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+        return native.keep_mask(shape, seed, threshold, scale, dtype)
     return (_uniform16(shape, device) >= threshold).to(dtype).mul_(scale)
 
 

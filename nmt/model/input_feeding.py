@@ -60,10 +60,51 @@ class _LoopProducts(torch.autograd.Function):
             g = grad.to(x.dtype)
             if batched:  # (B, K, T) @ (B, T, N)
                 grads.append(torch.bmm(x.permute(1, 2, 0), g.transpose(0, 1)))
-            else:  # (K, T * B) @ (T * B, N)
-                grads.append(x.reshape(-1, x.size(-1)).t() @ g.reshape(-1, g.size(-1)))
+            else:  # ((N, T * B) @ (T * B, K))^T: laid out as the weight M^T it came from
+                flat_g, flat_x = g.reshape(-1, g.size(-1)), x.reshape(-1, x.size(-1))
+                grads.append((flat_g.t() @ flat_x).t())
         base_grad = grad if ctx.needs_input_grad[0] else None
         return (base_grad, None, *grads)
+
+
+class _StepWeights(torch.autograd.Function):
+    """A gated layer's matrices in the compute dtype, as the loop multiplies them: W_ih_emb^T
+    (E, G*H), the embeddings' columns of W_ih (empty when E = 0, above the bottom layer), and
+    [W_ih_rest | W_hh]^T (In' + H, G*H).
+
+    Backward writes each weight's gradient in the weight's own layout and dtype, one pass per
+    weight, from gradients laid out as the weights (`_LoopProducts` and autograd's product
+    backward return them so): autograd's slice, cat, cast and transpose backwards would make
+    a zero-filled copy per slice, a cast, and a strided copy of each into its weight's layout.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, w_ih: Tensor, w_hh: Tensor, dim: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        ctx.dim, ctx.ih_shape, ctx.ih_dtype, ctx.hh_dtype = dim, w_ih.shape, w_ih.dtype, w_hh.dtype
+        ctx.set_materialize_grads(False)
+        w_emb = w_ih[:, :dim].to(dtype, copy=True).t()
+        return w_emb, torch.cat([w_ih[:, dim:], w_hh], dim=1).to(dtype).t()
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_emb: Tensor | None, grad_rest: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        dim, (rows, cols) = ctx.dim, ctx.ih_shape
+        like = grad_rest if grad_rest is not None else grad_emb
+        grad_ih = grad_hh = None
+        if like is not None and ctx.needs_input_grad[0]:
+            grad_ih = like.new_empty((rows, cols), dtype=ctx.ih_dtype)
+            for part, grad in ((grad_ih[:, :dim], grad_emb), (grad_ih[:, dim:], grad_rest)):
+                if grad is None:
+                    part.zero_()
+                else:
+                    part.copy_(grad.t()[:, : part.size(1)])
+        if grad_rest is not None and ctx.needs_input_grad[1]:
+            grad_hh = grad_rest.t()[:, cols - dim :]
+            grad_hh = grad_hh.to(ctx.hh_dtype, memory_format=torch.contiguous_format)
+        return grad_ih, grad_hh, None, None
 
 
 class _Products(NamedTuple):
@@ -226,8 +267,8 @@ class _Layer:
             if isinstance(layer, RecurrentLayer):  # lstm_ln: LN(x W_ih^T) * gain + b_ih + b_hh
                 self.ln_input = (layer.ln_ih_weight, b_ih + b_hh)
         else:
-            base = _input_base(w_ih, b_ih + b_hh, emb, like, steps, batch)
-            weights = torch.cat([w_ih[:, dim:], w_hh], dim=1).to(dtype).t()  # (In' + H, G*H)
+            w_emb, weights = _StepWeights.apply(w_ih, w_hh, dim, dtype)  # (E, G*H), (In' + H, G*H)
+            base = _input_base(w_ih, b_ih + b_hh, emb, like, steps, batch, w_emb)
             self.inputs = _Products.build(base, [weights])
 
     def step(self, t: int, x: Tensor, hidden: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,10 +288,17 @@ class _Layer:
 
 
 def _input_base(
-    w_ih: Tensor, bias: Tensor | None, emb: Tensor | None, like: Tensor, steps: int, batch: int
+    w_ih: Tensor,
+    bias: Tensor | None,
+    emb: Tensor | None,
+    like: Tensor,
+    steps: int,
+    batch: int,
+    w_emb: Tensor | None = None,
 ) -> Tensor:
     """(T, B, G*H): the bias, plus for the bottom layer (emb (B, T, E)) the embeddings' share
-    [W_ih_emb] y_t of every step as one product."""
+    [W_ih_emb] y_t of every step as one product (by w_emb, W_ih_emb^T in the compute dtype,
+    where the caller has it cast)."""
     dtype = like.dtype
     if emb is None:
         if bias is None:
@@ -258,7 +306,8 @@ def _input_base(
         return bias.to(dtype).expand(steps, batch, -1)
     dim = emb.size(-1)
     flat = emb.transpose(0, 1).reshape(-1, dim)
-    w_emb = w_ih[:, :dim].to(dtype).t()
+    if w_emb is None:
+        w_emb = w_ih[:, :dim].to(dtype).t()
     proj = flat @ w_emb if bias is None else torch.addmm(bias.to(dtype), flat, w_emb)
     return proj.view(steps, batch, -1)
 
