@@ -135,18 +135,29 @@ def ln_bwd(
     )
 
 
-def lstm_fwd(gates: Tensor, c_prev: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+def lstm_fwd(
+    gates: Tensor, c_prev: Tensor, dtype: torch.dtype, h_out: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """nn.LSTM's gate math: gates (B, 4H) any float dtype, c_prev (B, H) fp32. Returns h (B, H)
-    in dtype, c (B, H) fp32, then what `lstm_bwd` needs: the activations (B, 4H) and tanh(c)."""
-    return tuple(load().lstm_forward(gates, c_prev, dtype))
+    in dtype (written into h_out where given: contiguous, (B, H), dtype), c (B, H) fp32, then
+    what `lstm_bwd` needs: the activations (B, 4H) and tanh(c)."""
+    return tuple(load().lstm_forward(gates, c_prev, dtype, h_out))
 
 
 def lstm_bwd(
-    dh: Tensor, dc: Tensor, c_prev: Tensor, act: Tensor, tc: Tensor, da_dtype: torch.dtype
+    dh: Tensor,
+    dc: Tensor,
+    c_prev: Tensor,
+    act: Tensor,
+    tc: Tensor,
+    da_dtype: torch.dtype,
+    dh_more: Tensor | None = None,
+    da_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`lstm_fwd`'s backward from dh (B, H) and dc = dL/dc_t of later steps (B, H): the gates'
-    gradient (B, 4H) in da_dtype and dc_{t-1} (B, H) fp32."""
-    da, dc_prev = load().lstm_backward(dh, dc, c_prev, act, tc, da_dtype)
+    """`lstm_fwd`'s backward from dh (B, H) (plus dh_more, any float dtype, where given) and
+    dc = dL/dc_t of later steps (B, H): the gates' gradient (B, 4H) in da_dtype (written into
+    da_out where given: contiguous, (B, 4H), da_dtype) and dc_{t-1} (B, H) fp32."""
+    da, dc_prev = load().lstm_backward(dh, dc, c_prev, act, tc, da_dtype, dh_more, da_out)
     return da, dc_prev
 
 

@@ -226,3 +226,47 @@ def test_a_fused_adam_step_reaches_the_cached_output_matrix_of_decoding():
     expected = model.target_embedding.weight.index_select(0, model.output_ids)
     assert not torch.equal(after, before)
     torch.testing.assert_close(after, expected, rtol=0, atol=0)
+
+
+def test_lstm_kernel_writes_into_given_rows_and_adds_a_second_dh(kernels: Any):
+    """`lstm_fwd`'s h_out and `lstm_bwd`'s da_out and dh_more (what the encoder's loop passes:
+    its rows of the output and of dA, and the output's own gradient beside the recurrent one)."""
+    gen = torch.Generator().manual_seed(14)
+    gates = torch.randn(5, 4 * 9, generator=gen).bfloat16()
+    c_prev = torch.randn(5, 9, generator=gen)
+    rows = torch.zeros(3, 5, 9, dtype=torch.bfloat16)
+    h, c, act, tc = native.lstm_fwd(gates, c_prev, torch.bfloat16, rows[1])
+    assert h.data_ptr() == rows[1].data_ptr()
+    torch.testing.assert_close(h, native.lstm_fwd(gates, c_prev, torch.bfloat16)[0], **TIGHT)
+    dh, dh_more = torch.randn(5, 9, generator=gen), torch.randn(5, 9, generator=gen).bfloat16()
+    dc = torch.randn(5, 9, generator=gen)
+    da_rows = torch.zeros(2, 5, 4 * 9, dtype=torch.bfloat16)
+    da, dc_prev = native.lstm_bwd(dh, dc, c_prev, act, tc, torch.bfloat16, dh_more, da_rows[0])
+    assert da.data_ptr() == da_rows[0].data_ptr()
+    da_sum, dc_sum = native.lstm_bwd(dh + dh_more.float(), dc, c_prev, act, tc, torch.bfloat16)
+    torch.testing.assert_close(da, da_sum, **TIGHT)
+    torch.testing.assert_close(dc_prev, dc_sum, **TIGHT)
+    with pytest.raises(RuntimeError, match="h_out must be a contiguous"):
+        native.lstm_fwd(gates, c_prev, torch.float32, rows[1])
+
+
+def test_our_lstm_layer_with_recurrent_dropout_on_the_kernels_gives_the_eager_layer(kernels: Any):
+    """The layer's loop on the kernels (h written into the output, dA into the input's gradient,
+    the recurrent and the output's gradient summed in the kernel) with recurrent dropout and
+    weight drop: outputs and every gradient as the eager loop's, with the same masks."""
+    torch.manual_seed(15)
+    layer = cells.RecurrentLayer("lstm", 6, 5, dropout_recurrent=0.3, weight_drop=0.2).train()
+    x = torch.randn(4, 7, 6, requires_grad=True)
+    noise = layer.sample_noise(4, x)
+    assert noise is not None and noise.h_mask is not None
+    weights = torch.randn(4, 7, 5)
+    results = []
+    for choice in ("eager", "native"):
+        kernels(choice)
+        layer.zero_grad()
+        x.grad = None
+        out, (h, c) = layer(x, noise=noise)
+        ((out * weights).sum() + c.sum()).backward()
+        results.append([out.detach(), c.detach(), x.grad, *(p.grad for p in layer.parameters())])
+    for mine, theirs in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(mine, theirs, **TIGHT)

@@ -16,17 +16,31 @@
 
 namespace nmt_native {
 
-// Returns h (B, H) in out_dtype, c (B, H) float32, and for the backward act (B, 4H) float32,
-// the gate activations (sigmoid for i, f, o; tanh for g), and tc (B, H) = tanh(c).
+// Rows of `out` to write into: the caller's (B, N) tensor of `dtype` (contiguous), or a new one.
+static at::Tensor output_rows(const c10::optional<at::Tensor>& out, int64_t rows, int64_t n,
+                              const at::TensorOptions& options, c10::ScalarType dtype,
+                              const char* what) {
+  if (!out.has_value()) return at::empty({rows, n}, options.dtype(dtype));
+  const at::Tensor& t = *out;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n && t.is_contiguous() &&
+                  t.scalar_type() == dtype,
+              "lstm: ", what, " must be a contiguous (", rows, ", ", n, ") tensor of ", dtype);
+  return t;
+}
+
+// Returns h (B, H) in out_dtype (written into h_out where given), c (B, H) float32, and for the
+// backward act (B, 4H) float32, the gate activations (sigmoid for i, f, o; tanh for g), and
+// tc (B, H) = tanh(c).
 std::vector<at::Tensor> lstm_forward(at::Tensor gates, at::Tensor c_prev,
-                                     c10::ScalarType out_dtype) {
+                                     c10::ScalarType out_dtype,
+                                     c10::optional<at::Tensor> h_out) {
   gates = gates.contiguous();
   c_prev = c_prev.to(at::kFloat).contiguous();
   const int64_t rows = c_prev.size(0), width = c_prev.size(1), n_gates = 4 * width;
   TORCH_CHECK(gates.dim() == 2 && gates.size(0) == rows && gates.size(1) == n_gates,
               "lstm: gates must be (B, 4H) for c_prev (B, H)");
   auto f32 = c_prev.options();
-  auto h = at::empty({rows, width}, f32.dtype(out_dtype));
+  auto h = output_rows(h_out, rows, width, f32, out_dtype, "h_out");
   auto c = at::empty({rows, width}, f32);
   auto act = at::empty({rows, n_gates}, f32);
   auto tc = at::empty({rows, width}, f32);
@@ -56,18 +70,23 @@ std::vector<at::Tensor> lstm_forward(at::Tensor gates, at::Tensor c_prev,
   return {h, c, act, tc};
 }
 
-// The backward of `lstm_forward` given dh (B, H) and dc = dL/dc_t from later steps (B, H).
-// Returns dA (B, 4H), the gradient of the gates, in da_dtype and dc_{t-1} (B, H) float32.
+// The backward of `lstm_forward` given dh (B, H), plus dh_more (B, H) where given, and dc =
+// dL/dc_t from later steps (B, H). Returns dA (B, 4H), the gradient of the gates, in da_dtype
+// (written into da_out where given) and dc_{t-1} (B, H) float32.
 std::vector<at::Tensor> lstm_backward(at::Tensor dh, at::Tensor dc, at::Tensor c_prev,
-                                      at::Tensor act, at::Tensor tc, c10::ScalarType da_dtype) {
+                                      at::Tensor act, at::Tensor tc, c10::ScalarType da_dtype,
+                                      c10::optional<at::Tensor> dh_more,
+                                      c10::optional<at::Tensor> da_out) {
   dh = dh.contiguous();
+  at::Tensor more = dh_more.has_value() ? dh_more->contiguous() : at::Tensor();
+  TORCH_CHECK(!more.defined() || more.sizes() == dh.sizes(), "lstm: dh_more must be shaped as dh");
   dc = dc.to(at::kFloat).contiguous();
   c_prev = c_prev.to(at::kFloat).contiguous();
   act = act.contiguous();
   tc = tc.contiguous();
   const int64_t rows = c_prev.size(0), width = c_prev.size(1), n_gates = 4 * width;
   auto f32 = c_prev.options();
-  auto da = at::empty({rows, n_gates}, f32.dtype(da_dtype));
+  auto da = output_rows(da_out, rows, n_gates, f32, da_dtype, "da_out");
   auto dc_prev = at::empty({rows, width}, f32);
   const float* act_all = act.data_ptr<float>();
   const float* tc_all = tc.data_ptr<float>();
@@ -76,8 +95,9 @@ std::vector<at::Tensor> lstm_backward(at::Tensor dh, at::Tensor dc, at::Tensor c
   float* dcp_all = dc_prev.data_ptr<float>();
   at::parallel_for(0, rows, grain(rows), [&](int64_t begin, int64_t end) {
     const int64_t width = c_prev.size(1), n_gates = 4 * width;  // locals: not re-read per store
-    std::vector<float> d_out(width), dgate(n_gates);
+    std::vector<float> d_out(width), d_more(more.defined() ? width : 0), dgate(n_gates);
     float* __restrict dout = d_out.data();
+    float* __restrict dm = d_more.data();
     float* __restrict dg = dgate.data();
     for (int64_t b = begin; b < end; ++b) {
       const float* __restrict s = act_all + b * n_gates;
@@ -86,6 +106,10 @@ std::vector<at::Tensor> lstm_backward(at::Tensor dh, at::Tensor dc, at::Tensor c
       const float* __restrict dcb = dc_all + b * width;
       float* __restrict dcp = dcp_all + b * width;
       load_row(dh, b, dout);
+      if (more.defined()) {
+        load_row(more, b, dm);
+        for (int64_t j = 0; j < width; ++j) dout[j] += dm[j];
+      }
       // one pointer per gate: the vectoriser does not split s[j], s[width + j], ... itself
       const float *__restrict si = s, *__restrict sf = s + width;
       const float *__restrict sg = s + 2 * width, *__restrict so = s + 3 * width;

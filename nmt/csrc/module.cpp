@@ -18,9 +18,11 @@ std::vector<at::Tensor> ln_lstm_backward(at::Tensor dh, at::Tensor dc, at::Tenso
                                          c10::ScalarType dhh_dtype, c10::optional<at::Tensor> a,
                                          c10::optional<at::Tensor> gain_a);
 std::vector<at::Tensor> lstm_forward(at::Tensor gates, at::Tensor c_prev,
-                                     c10::ScalarType out_dtype);
+                                     c10::ScalarType out_dtype, c10::optional<at::Tensor> h_out);
 std::vector<at::Tensor> lstm_backward(at::Tensor dh, at::Tensor dc, at::Tensor c_prev,
-                                      at::Tensor act, at::Tensor tc, c10::ScalarType da_dtype);
+                                      at::Tensor act, at::Tensor tc, c10::ScalarType da_dtype,
+                                      c10::optional<at::Tensor> dh_more,
+                                      c10::optional<at::Tensor> da_out);
 std::vector<at::Tensor> smoothed_nll_forward(at::Tensor logits, at::Tensor target,
                                              double smoothing, bool with_grad,
                                              c10::ScalarType grad_dtype,
@@ -43,10 +45,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("da_dtype"), py::arg("dhh_dtype"), py::arg("a") = py::none(),
         py::arg("gain_a") = py::none());
   m.def("lstm_forward", &lstm_forward, "LSTM step (nn.LSTM's gate math), forward",
-        py::arg("gates"), py::arg("c_prev"), py::arg("out_dtype"));
+        py::arg("gates"), py::arg("c_prev"), py::arg("out_dtype"), py::arg("h_out") = py::none());
   m.def("lstm_backward", &lstm_backward, "LSTM step (nn.LSTM's gate math), backward",
         py::arg("dh"), py::arg("dc"), py::arg("c_prev"), py::arg("act"), py::arg("tc"),
-        py::arg("da_dtype"));
+        py::arg("da_dtype"), py::arg("dh_more") = py::none(), py::arg("da_out") = py::none());
   m.def("smoothed_nll_forward", &smoothed_nll_forward,
         "log-sum-exp, target logit and p - (1 - eps) onehot(y) of a block of logits",
         py::arg("logits"), py::arg("target"), py::arg("smoothing"), py::arg("with_grad"),

@@ -229,8 +229,8 @@ KERNELS = ("auto", "eager", "compiled", "native")
 def use_kernels(kernels: str) -> str:
     """Selects how the gate math runs: `eager` (plain tensor code), `compiled` (torch.compile,
     one generated kernel per step and direction), `native` (the C++ kernels of `nmt.native`,
-    built here if not yet: lstm_ln's and the plain LSTM's gate math as one kernel per step, and
-    the loss's softmax; peephole and CIFG stay eager) or `auto` (native where the kernels build,
+    built here if not yet: lstm_ln's and the plain LSTM's gate math as one kernel per step, the
+    loss's softmax and the dropout masks; peephole and CIFG stay eager) or `auto` (native where the kernels build,
     else eager with a warning). Raises RuntimeError where `native` cannot be built. Returns
     what was selected."""
     if kernels not in KERNELS:
@@ -320,12 +320,14 @@ class _Recurrence(torch.autograd.Function):
                     # pre_t and hh stay in their dtype: the step casts (LN(hh) + pre_t: fp32)
                     hh = torch.mm(h_in, w_t)
                     h, c, *rest = step.fwd(pre[t], hh, cs[-1], *extra32, dtype)
-                elif on_kernel:  # the C++ kernel reads the gates and writes h in their dtype
-                    h, c, *rest = native.lstm_fwd(torch.addmm(pre[t], h_in, w_t), cs[-1], dtype)
+                elif on_kernel:  # the C++ kernel reads the gates and writes h into out[t]
+                    gates = torch.addmm(pre[t], h_in, w_t)
+                    h, c, *rest = native.lstm_fwd(gates, cs[-1], dtype, out[t])
                 else:  # pre_t + h W_hh^T as one product (bf16 under autocast, as nn.LSTM's)
                     gates = torch.addmm(pre[t], h_in, w_t).to(acc)
                     h, c, *rest = step.fwd(gates, cs[-1], *extra32)
-                out[t] = h
+                if not on_kernel:
+                    out[t] = h
                 h_in = out[t]
                 cs.append(c)
                 saved.append(rest)
@@ -356,6 +358,15 @@ class _Recurrence(torch.autograd.Function):
             d_hh = d_pre if kind != "lstm_ln" else torch.empty_like(d_pre)  # d(h W_hh^T)
             d_ln: list[list[Tensor]] = []  # lstm_ln: per step, the gains' and bias' gradients
             for t in range(steps - 1, -1, -1):
+                if ctx.on_kernel:  # dh = dh_rec + grad_out[t] in the kernel, dA into d_pre[t]
+                    act, tc = saved[t]
+                    _, dc = native.lstm_bwd(
+                        dh_rec, dc, cs[t], act, tc, d_pre.dtype, grad_out[t], d_pre[t]
+                    )
+                    dh_rec = torch.mm(d_hh[t], w)  # the kernel reads it in its dtype
+                    if h_mask is not None:
+                        dh_rec = dh_rec * h_mask
+                    continue
                 dh = dh_rec + grad_out[t]
                 if kind == "lstm_ln":
                     da, dc, dhh, *d_step = step.bwd(
@@ -363,9 +374,6 @@ class _Recurrence(torch.autograd.Function):
                     )
                     d_hh[t] = dhh
                     d_ln.append(d_step)
-                elif ctx.on_kernel:
-                    act, tc = saved[t]
-                    da, dc = native.lstm_bwd(dh, dc, cs[t], act, tc, dtype)
                 else:
                     da, dc = step.bwd(dh, dc, cs[t], *saved[t], *extra32)
                 d_pre[t] = da
