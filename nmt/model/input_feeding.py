@@ -85,7 +85,11 @@ class _StepWeights(torch.autograd.Function):
         ctx.dim, ctx.ih_shape, ctx.ih_dtype, ctx.hh_dtype = dim, w_ih.shape, w_ih.dtype, w_hh.dtype
         ctx.set_materialize_grads(False)
         w_emb = w_ih[:, :dim].to(dtype, copy=True).t()
-        return w_emb, torch.cat([w_ih[:, dim:], w_hh], dim=1).to(dtype).t()
+        rest_cols = w_ih.size(1) - dim
+        rest = w_hh.new_empty((w_hh.size(0), rest_cols + w_hh.size(1)), dtype=dtype)
+        rest[:, :rest_cols] = w_ih[:, dim:]  # cast and placed in one pass each
+        rest[:, rest_cols:] = w_hh
+        return w_emb, rest.t()
 
     @staticmethod
     def backward(  # type: ignore[override]
