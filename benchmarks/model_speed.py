@@ -162,18 +162,57 @@ def decode_step_fn(
     return one_step
 
 
+def _product_flops(name: str, shapes: list[list[int]]) -> int:
+    """FLOPs of one matrix-product operator from its recorded input shapes; 0 for others."""
+    if name == "aten::mm":
+        (m, k), (_, n) = shapes[0], shapes[1]
+        return 2 * m * k * n
+    if name == "aten::addmm":
+        (m, k), (_, n) = shapes[1], shapes[2]
+        return 2 * m * k * n
+    if name == "aten::bmm":
+        (b, m, k), (_, _, n) = shapes[0], shapes[1]
+        return 2 * b * m * k * n
+    if name == "aten::baddbmm":
+        (b, m, k), (_, _, n) = shapes[1], shapes[2]
+        return 2 * b * m * k * n
+    return 0
+
+
 def profile_train_step(name: str, model: Seq2Seq, batch: dict[str, torch.Tensor]) -> None:
-    """Prints the top operators by self CPU time of two bf16 training steps (to stderr, so
-    that stdout stays JSON)."""
+    """Prints the top operators by self CPU time of two bf16 training steps, and how much of
+    the step the matrix products take and at what rate, against the bf16 matmul peak measured
+    here and now: the step's ceiling were everything else free (to stderr, so that stdout
+    stays JSON)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.peak import matmul_peaks
 
     step = train_step_fn(model, batch, "bf16")
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    step()
+    step()
+    wall = (time.perf_counter() - start) / 2
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
         step()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
     print(f"{name}: bf16 training step, 2 iterations\n{table}", file=sys.stderr)
+    seconds = flops = 0.0
+    for event in prof.events():
+        product = _product_flops(event.name, event.input_shapes)
+        if product:
+            flops += product / 2
+            seconds += event.self_cpu_time_total / 1e6 / 2
+    peak = matmul_peaks("cpu")["bf16"].best_gflops
+    print(
+        f"{name}: matrix products {seconds * 1e3:.1f} ms of a {wall * 1e3:.1f} ms step "
+        f"({seconds / wall:.0%}), {flops / 1e9:.4g} GFLOP at {flops / seconds / 1e9:.0f} GFLOP/s; "
+        f"bf16 peak {peak:.0f} GFLOP/s: the step at {flops / wall / 1e9 / peak:.0%} of it, "
+        f"the products alone at {flops / seconds / 1e9 / peak:.0%}",
+        file=sys.stderr,
+    )
 
 
 def run_case(
