@@ -66,11 +66,7 @@ class _KernelsOff:
     """`nmt.native` as one module sees it (the loss, dropout), with its kernels turned off."""
 
     @staticmethod
-    def active(like: torch.Tensor) -> bool:
-        return False
-
-    @staticmethod
-    def on_cpu() -> bool:
+    def active(on: torch.Tensor | torch.device) -> bool:
         return False
 
 

@@ -91,9 +91,11 @@ def use(on: bool) -> None:
     _active = on
 
 
-def active(like: Tensor) -> bool:
-    """Whether work on `like`'s device runs on the kernels: turned on, and a CPU tensor."""
-    return _active and like.device.type == "cpu"
+def active(on: Tensor | torch.device) -> bool:
+    """Whether work on a tensor's device (or on a device) runs on the kernels: turned on, and
+    the CPU."""
+    device = on.device if isinstance(on, Tensor) else on
+    return _active and device.type == "cpu"
 
 
 def ln_fwd(
@@ -185,12 +187,6 @@ def row_products(
     in memory, M_b = stored_b (K = R) or its transpose (`transposed`, K = C); base (B, N) or
     None. Returns (B, N) in dtype; the sums run in fp32."""
     return load().row_products(x, stored, base, transposed, dtype)  # type: ignore[no-any-return]
-
-
-def on_cpu() -> bool:
-    """Whether CPU work runs on the kernels (turned on), for callers that have a device and
-    no tensor yet."""
-    return _active
 
 
 def keep_mask(

@@ -270,3 +270,10 @@ def test_our_lstm_layer_with_recurrent_dropout_on_the_kernels_gives_the_eager_la
         results.append([out.detach(), c.detach(), x.grad, *(p.grad for p in layer.parameters())])
     for mine, theirs in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(mine, theirs, **TIGHT)
+
+
+def test_softmax_kernel_refuses_a_grad_out_of_the_wrong_shape_or_dtype(kernels: Any):
+    logits, target = torch.randn(4, 6), torch.tensor([0, 1, 2, 5])
+    for out in (torch.empty(4, 5), torch.empty(4, 6, dtype=torch.bfloat16)):
+        with pytest.raises(RuntimeError, match="smoothed_nll: grad_out must be a contiguous"):
+            native.smoothed_nll(logits, target, 0.1, torch.float32, out)

@@ -16,18 +16,6 @@
 
 namespace nmt_native {
 
-// Rows of `out` to write into: the caller's (B, N) tensor of `dtype` (contiguous), or a new one.
-static at::Tensor output_rows(const c10::optional<at::Tensor>& out, int64_t rows, int64_t n,
-                              const at::TensorOptions& options, c10::ScalarType dtype,
-                              const char* what) {
-  if (!out.has_value()) return at::empty({rows, n}, options.dtype(dtype));
-  const at::Tensor& t = *out;
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n && t.is_contiguous() &&
-                  t.scalar_type() == dtype,
-              "lstm: ", what, " must be a contiguous (", rows, ", ", n, ") tensor of ", dtype);
-  return t;
-}
-
 // Returns h (B, H) in out_dtype (written into h_out where given), c (B, H) float32, and for the
 // backward act (B, 4H) float32, the gate activations (sigmoid for i, f, o; tanh for g), and
 // tc (B, H) = tanh(c).
@@ -40,7 +28,7 @@ std::vector<at::Tensor> lstm_forward(at::Tensor gates, at::Tensor c_prev,
   TORCH_CHECK(gates.dim() == 2 && gates.size(0) == rows && gates.size(1) == n_gates,
               "lstm: gates must be (B, 4H) for c_prev (B, H)");
   auto f32 = c_prev.options();
-  auto h = output_rows(h_out, rows, width, f32, out_dtype, "h_out");
+  auto h = output_rows(h_out, rows, width, f32.dtype(out_dtype), "lstm: h_out");
   auto c = at::empty({rows, width}, f32);
   auto act = at::empty({rows, n_gates}, f32);
   auto tc = at::empty({rows, width}, f32);
@@ -86,7 +74,7 @@ std::vector<at::Tensor> lstm_backward(at::Tensor dh, at::Tensor dc, at::Tensor c
   tc = tc.contiguous();
   const int64_t rows = c_prev.size(0), width = c_prev.size(1), n_gates = 4 * width;
   auto f32 = c_prev.options();
-  auto da = output_rows(da_out, rows, n_gates, f32, da_dtype, "da_out");
+  auto da = output_rows(da_out, rows, n_gates, f32.dtype(da_dtype), "lstm: da_out");
   auto dc_prev = at::empty({rows, width}, f32);
   const float* act_all = act.data_ptr<float>();
   const float* tc_all = tc.data_ptr<float>();

@@ -57,6 +57,19 @@ inline void store_row(const float* src, at::Tensor& t, int64_t row) {
   }
 }
 
+// The (rows, n) tensor a kernel writes its result into: the caller's `out` where given (checked
+// to be contiguous, of that shape and of options' dtype), else a new one.
+inline at::Tensor output_rows(const c10::optional<at::Tensor>& out, int64_t rows, int64_t n,
+                              const at::TensorOptions& options, const char* what) {
+  if (!out.has_value()) return at::empty({rows, n}, options);
+  const at::Tensor& t = *out;
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n && t.is_contiguous() &&
+                  t.scalar_type() == options.dtype(),
+              what, " must be a contiguous (", rows, ", ", n, ") tensor of ",
+              options.dtype().name());
+  return t;
+}
+
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 // Enough rows per task that a task is worth starting, all threads busy on large batches.

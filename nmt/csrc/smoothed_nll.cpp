@@ -30,15 +30,10 @@ std::vector<at::Tensor> smoothed_nll_forward(at::Tensor logits, at::Tensor targe
   auto f32 = logits.options().dtype(at::kFloat);
   auto lse = at::empty({rows}, f32);
   auto logit_y = at::empty({rows}, f32);
-  at::Tensor grad = at::empty({0}, f32);
-  if (with_grad && grad_out.has_value()) {
-    grad = *grad_out;
-    TORCH_CHECK(grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == rows &&
-                    grad.size(1) == width && grad.scalar_type() == grad_dtype,
-                "smoothed_nll: grad_out must be a contiguous (N, V) tensor of grad_dtype");
-  } else if (with_grad) {
-    grad = at::empty({rows, width}, f32.dtype(grad_dtype));
-  }
+  at::Tensor grad = with_grad
+                        ? output_rows(grad_out, rows, width, f32.dtype(grad_dtype),
+                                      "smoothed_nll: grad_out")
+                        : at::empty({0}, f32);
   const int64_t* tgt = target.data_ptr<int64_t>();
   const float on_target = static_cast<float>(1.0 - smoothing);
   at::parallel_for(0, rows, grain(rows), [&](int64_t begin, int64_t end) {

@@ -230,8 +230,8 @@ def use_kernels(kernels: str) -> str:
     """Selects how the gate math runs: `eager` (plain tensor code), `compiled` (torch.compile,
     one generated kernel per step and direction), `native` (the C++ kernels of `nmt.native`,
     built here if not yet: lstm_ln's and the plain LSTM's gate math as one kernel per step, the
-    loss's softmax and the dropout masks; peephole and CIFG stay eager) or `auto` (native where the kernels build,
-    else eager with a warning). Raises RuntimeError where `native` cannot be built. Returns
+    loss's softmax and the dropout masks; peephole and CIFG stay eager) or `auto` (native where
+    the kernels build, else eager with a warning). Raises RuntimeError where `native` cannot be built. Returns
     what was selected."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown cell kernels {kernels!r}; choose from {', '.join(KERNELS)}")
@@ -364,20 +364,18 @@ class _Recurrence(torch.autograd.Function):
                         dh_rec, dc, cs[t], act, tc, d_pre.dtype, grad_out[t], d_pre[t]
                     )
                     dh_rec = torch.mm(d_hh[t], w)  # the kernel reads it in its dtype
-                    if h_mask is not None:
-                        dh_rec = dh_rec * h_mask
-                    continue
-                dh = dh_rec + grad_out[t]
-                if kind == "lstm_ln":
-                    da, dc, dhh, *d_step = step.bwd(
-                        dh, dc, cs[t], cs[t + 1], *saved[t], *extra32, dtype, dtype
-                    )
-                    d_hh[t] = dhh
-                    d_ln.append(d_step)
                 else:
-                    da, dc = step.bwd(dh, dc, cs[t], *saved[t], *extra32)
-                d_pre[t] = da
-                dh_rec = torch.mm(d_hh[t], w).to(acc)
+                    dh = dh_rec + grad_out[t]
+                    if kind == "lstm_ln":
+                        da, dc, dhh, *d_step = step.bwd(
+                            dh, dc, cs[t], cs[t + 1], *saved[t], *extra32, dtype, dtype
+                        )
+                        d_hh[t] = dhh
+                        d_ln.append(d_step)
+                    else:
+                        da, dc = step.bwd(dh, dc, cs[t], *saved[t], *extra32)
+                    d_pre[t] = da
+                    dh_rec = torch.mm(d_hh[t], w).to(acc)
                 if h_mask is not None:
                     dh_rec = dh_rec * h_mask
             # dW_hh = sum_t dHH_t^T h_{t-1}: one product over all steps

@@ -51,7 +51,7 @@ def keep_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torc
     if device.type != "cpu" or not BULK_BITS_ON_CPU:
         return bernoulli_mask(shape, p, dtype, device)
     threshold, scale = _quantised(p)
-    if native.on_cpu():
+    if native.active(device):
         seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
         return native.keep_mask(shape, seed, threshold, scale, dtype)
     return (_uniform16(shape, device) >= threshold).to(dtype).mul_(scale)
